@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= engines/tiny-model
+ENGINES ?= engines/tiny
+OUTDIR ?= engines/out
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first, pinned: the CPU wheel lies on local disk; an unpinned torch pulls CUDA wheels.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[export,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/sdrt make-model $(MODEL) --arch tiny --seed 0 --force
+	$(BIN)/sdrt export --model $(MODEL) --out $(ENGINES) --min-size 64 --max-size 512 --max-batch 2 --force
+	$(BIN)/sdrt txt2img --engines $(ENGINES) --prompt "a photo of a cat" --steps 20 --seed 42 \
+		--width 256 --height 256 --out $(OUTDIR)/cat.png --json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) engines/tiny engines/tiny-model engines/out

@@ -1,0 +1,145 @@
+"""The one ``sdrt`` command. Build-side subcommands (make-model, export, verify) import the
+``sdrt_export`` package lazily, so the runtime commands work without torch installed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sdrt.errors import SdrtError
+
+log = logging.getLogger("sdrt")
+
+
+def _export_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"sdrt_export.{name}")
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] in ("torch", "diffusers", "transformers", "onnx", "polygraphy"):
+            raise SdrtError(
+                f"this command needs the build-side packages ({exc.name} is missing): "
+                "pip install torch==2.13.0 && pip install 'sdrt[export]'"
+            ) from None
+        raise
+
+
+def _sizes(args):
+    from sdrt.specs import SizeRange
+
+    return SizeRange(min_size=args.min_size, opt_size=args.opt_size or min(max(512, args.min_size), args.max_size),
+                     max_size=args.max_size, max_batch=args.max_batch)
+
+
+def cmd_make_model(args) -> dict:
+    out = _export_module("make_model").make_model(args.out_dir, arch=args.arch, seed=args.seed, force=args.force)
+    return {"model": str(out), "arch": args.arch, "seed": args.seed}
+
+
+def cmd_export(args) -> dict:
+    return _export_module("exporter").export_model(
+        args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json
+    )
+
+
+def cmd_verify(args) -> dict:
+    report = _export_module("verify").verify(
+        args.model, args.engines, scheduler=args.scheduler, steps=args.steps, width=args.width,
+        height=args.height, seed=args.seed, prompt=args.prompt,
+    )
+    return report
+
+
+def cmd_generate(args) -> dict:
+    from sdrt import generate_cli
+
+    return generate_cli.run(args)
+
+
+def _add_size_range(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-size", type=int, default=256, help="smallest image side served (pixels)")
+    p.add_argument("--opt-size", type=int, default=None, help="side TensorRT tunes for (default 512)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side served (pixels)")
+    p.add_argument("--max-batch", type=int, default=4, help="most images per prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrt", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-model", help="write a random-weight diffusers pipeline folder")
+    p.add_argument("out_dir")
+    p.add_argument("--arch", default="tiny", choices=["tiny", "sd15"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("export", help="export a diffusers model folder to ONNX (ENGINE_DIR)")
+    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder")
+    p.add_argument("--out", required=True, help="ENGINE_DIR to create")
+    _add_size_range(p)
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing ENGINE_DIR")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_export)
+
+    for mode in ("txt2img", "img2img", "inpaint"):
+        p = sub.add_parser(mode, help=f"{mode} from an ENGINE_DIR (no torch needed)")
+        p.add_argument("--engines", required=True, help="ENGINE_DIR written by `sdrt export`")
+        p.add_argument("--prompt", required=True)
+        p.add_argument("--negative-prompt", default="")
+        p.add_argument("--steps", type=int, default=30)
+        p.add_argument("--guidance", type=float, default=7.5)
+        p.add_argument("--seed", type=int, default=None, help="default: random, printed")
+        p.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
+        p.add_argument("--height", type=int, default=None)
+        p.add_argument("--scheduler", default=None, help="e.g. 'Euler a', 'DPM++ 2M Karras', DDIM")
+        p.add_argument("--batch", type=int, default=1, help="images per prompt")
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        if mode != "txt2img":
+            p.add_argument("--image", required=True)
+            p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else 1.0)
+        if mode == "inpaint":
+            p.add_argument("--mask", required=True, help="white = repaint, black = keep")
+        p.add_argument("--out", required=True, help="output PNG (batch > 1 adds -1, -2, ...)")
+        p.add_argument("--json", action="store_true", help="print per-stage timings as JSON")
+        p.set_defaults(func=cmd_generate, mode=mode)
+
+    p = sub.add_parser("verify", help="compare sdrt with the diffusers pipeline (needs torch)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--engines", required=True)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="a photo of a cat")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except SdrtError as exc:
+        print(f"sdrt {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    elif isinstance(result, dict) and result.get("message"):
+        print(result["message"])
+    return 1 if isinstance(result, dict) and result.get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""ENGINE_DIR/manifest.json: everything the runtime needs to know about an artifact directory.
+
+The exporter (and later the engine builder) writes it; the runtime reads nothing but ENGINE_DIR.
+Files are checked against their recorded sha256 before any backend sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdrt.errors import ArtifactError
+from sdrt.specs import COMPONENTS, ModelDims, ModelSpecs, SizeRange, build_specs
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(root: Path, relpath: str) -> dict:
+    """The manifest's entry for one file: path relative to ENGINE_DIR, sha256 and size."""
+    path = root / relpath
+    return {"path": relpath, "sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims.from_dict(self.data["dims"])
+
+    @property
+    def specs(self) -> ModelSpecs:
+        return build_specs(self.dims)
+
+    @property
+    def sizes(self) -> SizeRange:
+        return SizeRange.from_dict(self.data["sizes"])
+
+    @property
+    def family(self) -> str:
+        return self.data["family"]
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.data["scheduler"])
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.data["vae"]["scaling_factor"])
+
+    @property
+    def vae_shift_factor(self) -> float:
+        return float(self.data["vae"].get("shift_factor") or 0.0)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / self.data["tokenizer"]["dir"]
+
+    def has(self, component: str) -> bool:
+        return component in self.data["components"]
+
+    def component(self, name: str) -> dict:
+        try:
+            return self.data["components"][name]
+        except KeyError:
+            raise ArtifactError(f"{self.root} has no {name} component in its manifest") from None
+
+    def verified_path(self, name: str) -> Path:
+        """Path of a component's main file, after checking every file it uses against the manifest."""
+        entry = self.component(name)
+        for record in entry["files"]:
+            self.check_file(record)
+        return self.root / entry["files"][0]["path"]
+
+    def check_file(self, record: dict) -> None:
+        path = self.root / record["path"]
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; re-run `sdrt export` to rebuild {self.root}")
+        if path.stat().st_size != record["size"] or sha256_file(path) != record["sha256"]:
+            raise ArtifactError(
+                f"{path} does not match its sha256 in {MANIFEST_NAME} (modified or corrupt); "
+                f"re-run `sdrt export --force` to rebuild {self.root}"
+            )
+
+
+_REQUIRED = ("format_version", "family", "dims", "sizes", "components", "scheduler", "tokenizer", "vae")
+
+
+def load_manifest(engine_dir: str | os.PathLike) -> Manifest:
+    """Read and validate ENGINE_DIR/manifest.json; raise ``ArtifactError`` with a fix on any problem."""
+    root = Path(engine_dir)
+    if not root.is_dir():
+        raise ArtifactError(f"engine directory {root} does not exist; create it with `sdrt export`")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST_NAME}; it is not an sdrt artifact (run `sdrt export`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-run `sdrt export --force`") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not a JSON object; re-run `sdrt export --force`")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ArtifactError(f"{path} lacks {', '.join(missing)}; re-run `sdrt export --force`")
+    if data["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {data['format_version']}, this sdrt reads {FORMAT_VERSION}; "
+            "re-export with this sdrt"
+        )
+    try:
+        manifest = Manifest(root, data)
+        manifest.specs, manifest.sizes  # noqa: B018 - validates dims and sizes
+        for name, entry in data["components"].items():
+            if name not in COMPONENTS or not entry["files"]:
+                raise ValueError(f"bad component entry {name!r}")
+            for record in entry["files"]:
+                record["path"], record["sha256"], int(record["size"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path} is malformed ({exc}); re-run `sdrt export --force`") from None
+    return manifest

@@ -1,0 +1,146 @@
+"""Math shared by every scheduler: beta schedules, timestep spacings, sigma tables, noising.
+
+Tables are numpy, computed once in ``set_timesteps``; ``step`` functions only do arithmetic on
+arrays, so they run unchanged on any array type with operators (numpy, cupy).
+Precision follows diffusers: betas and alphas_cumprod are float32, like its torch tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from sdrt.errors import InputError
+from sdrt.schedulers.config import SchedulerConfig
+
+
+class StepOutput(NamedTuple):
+    prev_sample: object
+    pred_original_sample: object = None
+
+
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 linspace computed like ``torch.linspace`` on the CPU (halves from each end)."""
+    start32, end32 = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([start32], dtype=np.float32)
+    step = np.float32((end32 - start32) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float32)
+    front = start32 + step * i
+    back = end32 - step * (np.float32(steps - 1) - i)
+    return np.where(np.arange(steps) < steps // 2, front, back).astype(np.float32)
+
+
+def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Cosine schedule (Nichol & Dhariwal 2021), as diffusers' ``betas_for_alpha_bar``."""
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+             for i in range(num_steps)]
+    return np.array(betas, dtype=np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, 'Common Diffusion Noise Schedules and Sample Steps are Flawed', Alg. 1."""
+    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+def make_betas(config: SchedulerConfig) -> np.ndarray:
+    n = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = np.asarray(config.trained_betas, dtype=np.float32)
+    elif config.beta_schedule == "linear":
+        betas = torch_linspace(config.beta_start, config.beta_end, n)
+    elif config.beta_schedule == "scaled_linear":
+        betas = torch_linspace(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
+    elif config.beta_schedule == "squaredcos_cap_v2":
+        betas = betas_for_alpha_bar(n)
+    else:
+        raise InputError(
+            f"beta_schedule {config.beta_schedule!r} is not supported "
+            "(linear, scaled_linear, squaredcos_cap_v2)"
+        )
+    if config.rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return betas.astype(np.float32)
+
+
+def make_alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """float32 cumulative product of (1 - beta), like diffusers' ``torch.cumprod``."""
+    alphas_cumprod = np.cumprod(1.0 - make_betas(config), dtype=np.float32)
+    if config.rescale_betas_zero_snr:
+        alphas_cumprod[-1] = np.float32(2**-24)  # diffusers avoids an infinite sigma this way
+    return alphas_cumprod
+
+
+def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
+    """Descending int64 timesteps for a spacing ('leading', 'trailing', 'linspace').
+
+    Table 2 of Lin et al. 2023; matches diffusers' DDIM/Euler/DPM ``set_timesteps``.
+    """
+    check_steps(num_inference_steps, config.num_train_timesteps)
+    n_train, n = config.num_train_timesteps, num_inference_steps
+    if config.timestep_spacing == "linspace":
+        steps = np.linspace(0, n_train - 1, n).round()[::-1].copy().astype(np.int64)
+    elif config.timestep_spacing == "leading":
+        ratio = n_train // n
+        steps = (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64)
+        steps += config.steps_offset
+    elif config.timestep_spacing == "trailing":
+        ratio = n_train / n
+        steps = np.round(np.arange(n_train, 0, -ratio)).astype(np.int64)
+        steps -= 1
+    else:
+        raise InputError(
+            f"timestep_spacing {config.timestep_spacing!r} is not supported (leading, trailing, linspace)"
+        )
+    return steps
+
+
+def check_steps(num_inference_steps: int, num_train_timesteps: int) -> None:
+    if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+        raise InputError(f"steps must be an integer >= 1, got {num_inference_steps!r}")
+    if num_inference_steps > num_train_timesteps:
+        raise InputError(
+            f"steps {num_inference_steps} exceeds the model's {num_train_timesteps} training timesteps"
+        )
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """k-diffusion sigmas, sigma_t = sqrt((1 - a_t) / a_t) (Karras et al. 2022, Eq. 1)."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, 'Elucidating the Design Space of Diffusion-Based Generative Models', Eq. 5."""
+    ramp = np.linspace(0, 1, n)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma by interpolation in log-sigma (diffusers ``_sigma_to_t``)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    t = (1 - w) * low_idx + w * high_idx
+    return t.reshape(sigma.shape)
+
+
+def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:
+    """Index into ``timesteps`` where img2img starts (diffusers' ``get_timesteps``)."""
+    if not 0 < strength <= 1:
+        raise InputError(f"strength must be in (0, 1], got {strength}")
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    return max(num_inference_steps - init_timestep, 0) * order

@@ -1,0 +1,200 @@
+"""Component I/O specs: the single source of truth for every engine's inputs and outputs.
+
+One frozen ``ComponentSpec`` per component (text encoder, UNet, VAE decoder, VAE encoder) holds the
+tensor names (mirroring diffusers' argument names), dtypes, which axes are dynamic, the shape of
+every tensor as a function of (batch, height, width) and the min/opt/max profile for a size range.
+The exporter, the engine builder and the runtime's buffer allocation all read these; nothing else
+restates a name or an axis. Specs are built from ``ModelDims`` (stored in the manifest), so a family
+with more inputs (SDXL's pooled embeddings and time ids, LCM's guidance embedding) only adds
+tensors here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from sdrt.errors import InputError
+
+# Dynamic axis names. A dim is either an int (static) or one of these.
+BATCH, HEIGHT, WIDTH = "batch", "height", "width"
+LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
+DYNAMIC_AXES = (BATCH, HEIGHT, WIDTH, LATENT_HEIGHT, LATENT_WIDTH)
+
+TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER = "text_encoder", "unet", "vae_decoder", "vae_encoder"
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The numbers that fix every component's I/O; written to and read from the manifest."""
+
+    family: str = "sd15"
+    latent_channels: int = 4
+    unet_in_channels: int = 4  # 9 for inpainting UNets (latent + mask + masked-image latent)
+    text_max_length: int = 77
+    text_hidden_size: int = 768
+    cross_attention_dim: int = 768
+    vae_scale_factor: int = 8
+    image_channels: int = 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelDims":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class SizeRange:
+    """Pixel sizes (multiples of the VAE scale) and the largest image batch an artifact serves."""
+
+    min_size: int = 256
+    opt_size: int = 512
+    max_size: int = 1024
+    max_batch: int = 4
+
+    def __post_init__(self):
+        for name in ("min_size", "opt_size", "max_size"):
+            value = getattr(self, name)
+            if value <= 0 or value % 8:
+                raise InputError(f"{name.replace('_', '-')} must be a positive multiple of 8, got {value}")
+        if not self.min_size <= self.max_size:
+            raise InputError(f"min-size {self.min_size} is larger than max-size {self.max_size}")
+        if not self.min_size <= self.opt_size <= self.max_size:
+            object.__setattr__(self, "opt_size", min(max(self.opt_size, self.min_size), self.max_size))
+        if self.max_batch < 1:
+            raise InputError(f"max-batch must be at least 1, got {self.max_batch}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SizeRange":
+        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def check(self, width: int, height: int, batch: int, scale: int = 8) -> None:
+        """Raise ``InputError`` naming the allowed range if a request does not fit this artifact."""
+        for label, value in (("width", width), ("height", height)):
+            if value % scale:
+                raise InputError(f"{label} {value} is not a multiple of {scale}")
+            if not self.min_size <= value <= self.max_size:
+                raise InputError(
+                    f"{label} {value} is outside this artifact's range {self.min_size}..{self.max_size} "
+                    "(rebuild with --min-size/--max-size to serve it)"
+                )
+        if not 1 <= batch <= self.max_batch:
+            raise InputError(f"batch {batch} is outside this artifact's range 1..{self.max_batch}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int32", ...
+    dims: tuple  # ints (static) or names from DYNAMIC_AXES
+
+    def shape(self, batch: int, height: int, width: int, scale: int = 8) -> tuple[int, ...]:
+        values = {BATCH: batch, HEIGHT: height, WIDTH: width,
+                  LATENT_HEIGHT: height // scale, LATENT_WIDTH: width // scale}
+        return tuple(values[d] if isinstance(d, str) else int(d) for d in self.dims)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch_factor: int = 1  # 2 where classifier-free guidance doubles the batch in one call
+    scale: int = 8
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self.inputs + self.outputs
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+    def shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of every input and output for an engine batch and a pixel size."""
+        return {t.name: t.shape(batch, height, width, self.scale) for t in self.tensors}
+
+    def profile(self, sizes: SizeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """min/opt/max shape of every input, for a TensorRT optimization profile."""
+        max_batch = sizes.max_batch * self.batch_factor
+        points = ((1, sizes.min_size), (self.batch_factor, sizes.opt_size), (max_batch, sizes.max_size))
+        return {
+            t.name: tuple(t.shape(b, s, s, self.scale) for b, s in points) for t in self.inputs
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpecs:
+    """All component specs of one model."""
+
+    dims: ModelDims
+    components: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ComponentSpec:
+        return self.components[name]
+
+    def __iter__(self):
+        return iter(self.components.values())
+
+
+def build_specs(dims: ModelDims) -> ModelSpecs:
+    """Build every component spec from the model's dimensions."""
+    s = dims.vae_scale_factor
+    text = ComponentSpec(
+        TEXT_ENCODER,
+        inputs=(TensorSpec("input_ids", "int32", (BATCH, dims.text_max_length)),),
+        outputs=(
+            TensorSpec("last_hidden_state", "float32", (BATCH, dims.text_max_length, dims.text_hidden_size)),
+            TensorSpec("pooler_output", "float32", (BATCH, dims.text_hidden_size)),
+        ),
+        batch_factor=2,
+        scale=s,
+    )
+    unet = ComponentSpec(
+        UNET,
+        inputs=(
+            TensorSpec("sample", "float32", (BATCH, dims.unet_in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+            TensorSpec("timestep", "float32", (BATCH,)),
+            TensorSpec("encoder_hidden_states", "float32",
+                       (BATCH, dims.text_max_length, dims.cross_attention_dim)),
+        ),
+        outputs=(TensorSpec("out_sample", "float32", (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        batch_factor=2,
+        scale=s,
+    )
+    decoder = ComponentSpec(
+        VAE_DECODER,
+        inputs=(TensorSpec("latent", "float32", (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        outputs=(TensorSpec("images", "float32", (BATCH, dims.image_channels, HEIGHT, WIDTH)),),
+        scale=s,
+    )
+    encoder = ComponentSpec(
+        VAE_ENCODER,
+        inputs=(TensorSpec("images", "float32", (BATCH, dims.image_channels, HEIGHT, WIDTH)),),
+        outputs=(
+            TensorSpec("mean", "float32", (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+            TensorSpec("logvar", "float32", (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+        ),
+        scale=s,
+    )
+    return ModelSpecs(dims, {c.name: c for c in (text, unet, decoder, encoder)})
