@@ -1,0 +1,136 @@
+"""``sdrt verify``: sdrt against the diffusers pipeline (torch, fp32) on the same inputs and seed.
+
+Reports per-stage errors (text embeddings, one UNet call, VAE decode, VAE encode) and the final
+image's max abs error and PSNR; ``failed`` is set past tolerance (the CLI then exits 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdrt import schedulers
+from sdrt.errors import ModelError
+from sdrt.pipeline import Pipeline
+from sdrt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+STAGE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # relative L2 per stage
+
+
+def load_reference(model_dir: str | Path, mode: str = "txt2img"):
+    """The matching diffusers pipeline, fp32 on the CPU, no safety checker."""
+    import diffusers
+
+    _quiet_diffusers()
+    classes = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+               "inpaint": diffusers.StableDiffusionInpaintPipeline}
+    if not (Path(model_dir) / "model_index.json").is_file():
+        raise ModelError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
+    pipe = classes[mode].from_pretrained(str(model_dir), torch_dtype=torch.float32, safety_checker=None,
+                                         requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _quiet_diffusers() -> None:
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def use_scheduler(pipe, name: str | None) -> None:
+    """Give a diffusers pipeline the scheduler sdrt picks for ``name`` (same class and overrides)."""
+    if name is None:
+        return
+    import diffusers
+
+    class_name, overrides = schedulers.resolve(name)
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def reference_images(pipe, mode: str, prompt: str, *, negative_prompt: str = "", steps: int, guidance: float,
+                     seed: int, width: int, height: int, batch: int = 1, image=None, mask=None,
+                     strength: float = 1.0) -> np.ndarray:
+    """diffusers' float images in [0, 1], (N, H, W, 3), seeded with a CPU generator."""
+    kwargs = dict(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                  guidance_scale=guidance, num_images_per_prompt=batch, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(seed))
+    if mode == "txt2img":
+        kwargs.update(width=width, height=height)
+    elif mode == "img2img":
+        kwargs.update(image=image.resize((width, height)) if image.size != (width, height) else image,
+                      strength=strength)
+    else:
+        kwargs.update(image=image, mask_image=mask, width=width, height=height, strength=strength)
+    with torch.no_grad():
+        return np.asarray(pipe(**kwargs).images, dtype=np.float32)
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm((actual - expected).ravel()) / max(np.linalg.norm(expected.ravel()), 1e-12))
+
+
+def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
+    mse = float(np.mean((actual.astype(np.float64) - expected) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def stage_errors(pipe, sdrt_pipe: Pipeline, width: int, height: int, seed: int) -> dict:
+    """Relative L2 of each engine against its torch module on the same random inputs."""
+    rng = np.random.default_rng(seed)
+    dims = sdrt_pipe.dims
+    ids = sdrt_pipe.tokenizer(["a photo of a cat", "an astronaut riding a horse"])
+    latent = rng.standard_normal((2, dims.latent_channels, height // 8, width // 8), dtype=np.float32)
+    sample = rng.standard_normal((2, dims.unet_in_channels, height // 8, width // 8), dtype=np.float32)
+    pixels = rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
+    t = np.array([981.0, 981.0], dtype=np.float32)
+    out = {}
+    with torch.no_grad():
+        hidden = pipe.text_encoder(torch.from_numpy(ids).long())[0].numpy()
+        out["text_embeddings"] = rel_l2(sdrt_pipe.engine(TEXT_ENCODER)({"input_ids": ids})["last_hidden_state"],
+                                        hidden)
+        ref = pipe.unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(hidden)).sample.numpy()
+        got = sdrt_pipe.engine(UNET)({"sample": sample, "timestep": t, "encoder_hidden_states": hidden})
+        out["unet_step"] = rel_l2(got["out_sample"], ref)
+        ref = pipe.vae.decode(torch.from_numpy(latent)).sample.numpy()
+        out["vae_decode"] = rel_l2(sdrt_pipe.engine(VAE_DECODER)({"latent": latent})["images"], ref)
+        if sdrt_pipe.manifest.has(VAE_ENCODER):
+            dist = pipe.vae.encode(torch.from_numpy(pixels)).latent_dist
+            got = sdrt_pipe.engine(VAE_ENCODER)({"images": pixels})
+            out["vae_encode"] = max(rel_l2(got["mean"], dist.mean.numpy()), rel_l2(got["logvar"], dist.logvar.numpy()))
+    return out
+
+
+def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, height=None, seed=0,
+           prompt="a photo of a cat", negative_prompt="", guidance=7.5) -> dict:
+    """Run both pipelines on the same request; return the report (``failed`` past tolerance)."""
+    sdrt_pipe = Pipeline(engines_dir)
+    precision = sdrt_pipe.manifest.data.get("precision", "fp32")
+    sizes = sdrt_pipe.manifest.sizes
+    width, height = width or sizes.min_size, height or sizes.min_size
+    result = sdrt_pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                               width=width, height=height, scheduler=scheduler)
+    pipe = load_reference(model_dir)
+    use_scheduler(pipe, scheduler)
+    expected = reference_images(pipe, "txt2img", prompt, negative_prompt=negative_prompt, steps=steps,
+                                guidance=guidance, seed=seed, width=width, height=height)
+    stages = stage_errors(pipe, sdrt_pipe, width, height, seed)
+    max_abs = float(np.abs(result.unit_images - expected).max())
+    failed = max_abs > IMAGE_TOLERANCE[precision] or any(v > STAGE_TOLERANCE[precision] for v in stages.values())
+    report = {"scheduler": scheduler or sdrt_pipe.manifest.scheduler_config.get("_class_name"), "steps": steps,
+              "size": f"{width}x{height}", "seed": seed, "precision": precision, "stages_rel_l2": stages,
+              "image_max_abs": max_abs, "image_psnr_db": psnr(result.unit_images, expected),
+              "tolerance_max_abs": IMAGE_TOLERANCE[precision], "failed": failed}
+    verdict = "FAIL" if failed else "ok"
+    stage_text = ", ".join(f"{k} {v:.2e}" for k, v in stages.items())
+    report["message"] = (f"verify {verdict}: image max abs {max_abs:.2e} (tolerance {IMAGE_TOLERANCE[precision]:.0e}), "
+                         f"PSNR {report['image_psnr_db']:.1f} dB; stage rel L2: {stage_text}")
+    return report

@@ -1,0 +1,238 @@
+"""The generation loop: txt2img, img2img and inpaint from an ENGINE_DIR, with diffusers' semantics.
+
+Mirrors ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and
+``StableDiffusionInpaintPipeline`` step for step, including the order of random draws, so a seed
+gives the same image as diffusers with ``torch.Generator("cpu").manual_seed(seed)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from sdrt import schedulers
+from sdrt.backends import open_engine
+from sdrt.errors import Cancelled, InputError, NumericsError
+from sdrt.guidance import check_guidance, guide, uses_cfg
+from sdrt.images import load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
+from sdrt.manifest import load_manifest
+from sdrt.rng import TorchGenerator, random_seed
+from sdrt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sdrt.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+# callback(step_index, total_steps, timestep, latents) -> False to cancel
+StepCallback = Callable[[int, int, float, np.ndarray], "bool | None"]
+
+
+@dataclass
+class Result:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    unit_images: np.ndarray  # float32 (N, H, W, 3) in [0, 1], before quantization
+    seed: int
+    timings: dict
+    parameters: dict = field(default_factory=dict)
+
+    def pil(self) -> list:
+        from PIL import Image
+
+        return [Image.fromarray(image) for image in self.images]
+
+
+class Timings:
+    """Wall time per stage; stages timed several times (UNet calls) keep every sample."""
+
+    def __init__(self):
+        self.samples: dict[str, list[float]] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.samples.setdefault(stage, []).append(time.perf_counter() - start)
+
+    def summary(self) -> dict:
+        return {k: (v[0] if len(v) == 1 else v) for k, v in self.samples.items()}
+
+
+def _check_finite(array: np.ndarray, stage: str, step: int | None = None) -> None:
+    if not np.isfinite(array).all():
+        where = f" at step {step}" if step is not None else ""
+        raise NumericsError(
+            f"NaN/inf in {stage}{where}: the engine overflowed (with fp16 engines, rebuild this component in fp32)"
+        )
+
+
+class Pipeline:
+    """A Stable Diffusion model opened from an ENGINE_DIR; engines open on first use."""
+
+    def __init__(self, engine_dir: str | os.PathLike, backend: str = "ort-cpu", threads: int | None = None):
+        start = time.perf_counter()
+        self.manifest = load_manifest(engine_dir)
+        self.tokenizer = ClipTokenizer.from_dir(self.manifest.tokenizer_dir)
+        self.backend, self.threads = backend, threads
+        self._engines: dict = {}
+        self.dims = self.manifest.dims
+        self.load_seconds = time.perf_counter() - start
+
+    def engine(self, name: str):
+        if name not in self._engines:
+            start = time.perf_counter()
+            self._engines[name] = open_engine(self.manifest, name, self.backend, self.threads)
+            self.load_seconds += time.perf_counter() - start
+        return self._engines[name]
+
+    def txt2img(self, prompt: str, **options) -> Result:
+        return self._generate("txt2img", prompt, **options)
+
+    def img2img(self, image, prompt: str, strength: float = 0.75, **options) -> Result:
+        return self._generate("img2img", prompt, image=image, strength=strength, **options)
+
+    def inpaint(self, image, mask, prompt: str, strength: float = 1.0, **options) -> Result:
+        return self._generate("inpaint", prompt, image=image, mask=mask, strength=strength, **options)
+
+    def _generate(self, mode, prompt, *, negative_prompt="", steps=30, guidance=7.5, seed=None, width=None,
+                  height=None, scheduler=None, batch=1, callback: StepCallback | None = None, image=None,
+                  mask=None, strength=1.0) -> Result:
+        timings, m = Timings(), self.manifest
+        guidance = check_guidance(guidance)
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise InputError(f"batch must be an integer >= 1, got {batch!r}")
+        if mode != "txt2img" and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+            raise InputError(f"strength must be in (0, 1], got {strength!r}")
+        image, mask = self._inputs(mode, image, mask)
+        scale = self.dims.vae_scale_factor
+        default_w, default_h = (image.width - image.width % scale, image.height - image.height % scale) if image \
+            else (m.sizes.opt_size, m.sizes.opt_size)
+        width, height = width or default_w, height or default_h
+        m.sizes.check(width, height, batch, scale)
+        sched = schedulers.from_config(m.scheduler_config, scheduler)
+        seed = random_seed() if seed is None else seed
+        generator = TorchGenerator(seed)
+        cfg = uses_cfg(guidance)
+
+        embeddings = self._encode_prompt(prompt, negative_prompt, batch, cfg, timings)
+        sched.set_timesteps(steps)
+        timesteps, start = sched.timesteps, 0
+        if mode != "txt2img":
+            start = schedulers.img2img_start(steps, strength, sched.order)
+            timesteps = timesteps[start:]
+            if len(timesteps) == 0:
+                raise InputError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+            sched.set_begin_index(start)
+        shape = (batch, self.dims.latent_channels, height // scale, width // scale)
+
+        if mode == "txt2img":
+            latents = generator.randn(shape) * np.float32(sched.init_noise_sigma)
+        else:
+            latents, extra = self._prepare_image_latents(
+                mode, image, mask, width, height, shape, strength, timesteps[0], sched, generator, cfg, timings)
+
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            with timings("step"):
+                model_input = np.concatenate([latents] * 2) if cfg else latents
+                model_input = sched.scale_model_input(model_input, t)
+                if mode == "inpaint" and self.dims.unet_in_channels == 9:
+                    model_input = np.concatenate([model_input, extra["mask"], extra["masked_latents"]], axis=1)
+                feeds = {"sample": model_input, "timestep": np.full(model_input.shape[0], t, np.float32),
+                         "encoder_hidden_states": embeddings}
+                with timings("unet"):
+                    noise_pred = self.engine(UNET)(feeds)["out_sample"]
+                if cfg:
+                    noise_pred = guide(noise_pred, guidance)
+                latents = sched.step(noise_pred, t, latents, generator=generator).prev_sample
+                if mode == "inpaint" and self.dims.unet_in_channels == 4:
+                    latents = self._blend(latents, extra, timesteps, i, sched)
+                _check_finite(latents, "latents after UNet step", i)
+            if callback is not None and callback(i, total, float(t), latents) is False:
+                raise Cancelled(f"cancelled by the step callback at step {i + 1}/{total}")
+
+        with timings("vae_decode"):
+            decoded = self.engine(VAE_DECODER)({"latent": latents / np.float32(m.vae_scaling_factor)})["images"]
+        _check_finite(decoded, "decoded image (VAE decoder)")
+        unit = to_unit(decoded)
+        unet_total = sum(timings.samples.get("unet", []))
+        timings.samples["loop_overhead"] = [sum(timings.samples.pop("step", [])) - unet_total]
+        params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
+                  "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
+                  "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength}
+        return Result(to_uint8(unit), unit, seed, timings.summary(), params)
+
+    def _inputs(self, mode, image, mask):
+        if mode == "txt2img":
+            return None, None
+        image = image if hasattr(image, "convert") else load_image(image, "image")
+        if mode == "inpaint":
+            mask = mask if hasattr(mask, "convert") else load_image(mask, "mask")
+            if image.size != mask.size:
+                raise InputError(f"mask size {mask.width}x{mask.height} differs from image size "
+                                 f"{image.width}x{image.height}")
+        return image, mask
+
+    def _encode_prompt(self, prompt, negative_prompt, batch, cfg, timings) -> np.ndarray:
+        """[uncond x batch; cond x batch] text embeddings (cond only without CFG), one encoder call."""
+        prompts = [negative_prompt or "", prompt] if cfg else [prompt]
+        with timings("tokenize"):
+            ids = self.tokenizer(prompts)
+        with timings("text_encoder"):
+            hidden = self.engine(TEXT_ENCODER)({"input_ids": ids})["last_hidden_state"]
+        _check_finite(hidden, "text embeddings")
+        return np.repeat(hidden, batch, axis=0)
+
+    def _encode_image(self, pixels, generator, timings) -> np.ndarray:
+        """VAE encode and sample the posterior with the runtime's RNG (diffusers' latent_dist.sample)."""
+        with timings("vae_encode"):
+            moments = self.engine(VAE_ENCODER)({"images": pixels})
+        mean, logvar = moments["mean"], moments["logvar"]
+        latents = mean + np.exp(np.float32(0.5) * logvar) * generator.randn(mean.shape)
+        _check_finite(latents, "image latents (VAE encoder)")
+        return np.float32(self.manifest.vae_scaling_factor) * latents
+
+    def _prepare_image_latents(self, mode, image, mask, width, height, shape, strength, t0, sched, generator,
+                               cfg, timings):
+        """Initial latents for img2img/inpaint, drawing noise in diffusers' order."""
+        batch = shape[0]
+        pixels = preprocess_image(image, width, height)
+        if mode == "img2img":
+            image_latents = np.repeat(self._encode_image(pixels, generator, timings), batch, axis=0)
+            noise = generator.randn(shape)
+            return sched.add_noise(image_latents, noise, t0).astype(np.float32), {}
+        full_strength = strength == 1.0
+        image_latents = None
+        if self.dims.unet_in_channels == 4 or not full_strength:
+            image_latents = np.repeat(self._encode_image(pixels, generator, timings), batch, axis=0)
+        noise = generator.randn(shape)
+        if full_strength:
+            latents = noise * np.float32(sched.init_noise_sigma)
+        else:
+            latents = sched.add_noise(image_latents, noise, t0).astype(np.float32)
+        mask_pixels = preprocess_mask(mask, width, height)
+        masked = self._encode_image(pixels * (mask_pixels < 0.5), generator, timings)
+        scale = self.dims.vae_scale_factor
+        mask_latent = np.repeat(mask_pixels[:, :, ::scale, ::scale], batch, axis=0)
+        masked = np.repeat(masked, batch, axis=0)
+        doubled = 2 if cfg else 1
+        extra = {"mask": np.concatenate([mask_latent] * doubled), "masked_latents": np.concatenate([masked] * doubled),
+                 "blend_mask": mask_latent, "image_latents": image_latents, "noise": noise}
+        return latents, extra
+
+    @staticmethod
+    def _blend(latents, extra, timesteps, i, sched):
+        """diffusers' inpaint for ordinary UNets: keep the unmasked region at the schedule's noise level."""
+        proper = extra["image_latents"]
+        if i < len(timesteps) - 1:
+            proper = sched.add_noise(proper, extra["noise"], timesteps[i + 1])
+        mask = extra["blend_mask"]
+        return ((1 - mask) * proper + mask * latents).astype(np.float32)

@@ -1,0 +1,26 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-weight tiny SD pipeline folder (seed 0), built once per session. Do not modify it."""
+    from sdrt_export.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny", arch="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tiny_model_dir, tmp_path_factory):
+    """ENGINE_DIR of the tiny model (sizes 64..256, opt 128, max batch 2), exported once per session.
+    Do not modify it (copy it first)."""
+    from sdrt.specs import SizeRange
+    from sdrt_export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    export_model(tiny_model_dir, out, sizes=SizeRange(min_size=64, opt_size=128, max_size=256, max_batch=2),
+                 progress=False)
+    return out
