@@ -96,6 +96,10 @@ ARCHS: dict[str, dict] = {
     },
 }
 
+# sd15 with a 9-channel UNet (latent + mask + masked-image latent), as SD1.5-inpainting
+ARCHS["tiny-inpaint"] = {**ARCHS["tiny"], "unet": {**ARCHS["tiny"]["unet"], "in_channels": 9},
+                         "pipeline": "StableDiffusionInpaintPipeline"}
+
 SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -179,7 +183,7 @@ def _write_pipeline(root: Path, arch: dict, seed: int) -> None:
     _write_json(root / "scheduler" / "scheduler_config.json",
                 {**SCHEDULER, "_diffusers_version": diffusers.__version__})
     _write_json(root / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": arch.get("pipeline", "StableDiffusionPipeline"),
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

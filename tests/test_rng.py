@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -37,14 +36,9 @@ def test_single_draw_float32(seed, shape):
     assert_bits_equal(TorchGenerator(seed).randn(shape), torch.randn(shape, generator=torch_gen(seed)))
 
 
-def test_large_draw_and_speed():
+def test_large_draw():
     shape = (4, 4, 128, 128)
-    gen = TorchGenerator(3)
-    start = time.perf_counter()
-    ours = gen.randn(shape)
-    elapsed = time.perf_counter() - start
-    assert_bits_equal(ours, torch.randn(shape, generator=torch_gen(3)))
-    assert elapsed < 0.5, f"{shape} took {elapsed:.3f} s (about 15 ms expected)"
+    assert_bits_equal(TorchGenerator(3).randn(shape), torch.randn(shape, generator=torch_gen(3)))
 
 
 @pytest.mark.parametrize("shape", [(1,), (5,), (16,), (17,), (33,), (2, 4, 17, 9)], ids=str)

@@ -1,0 +1,304 @@
+"""Parity of every sdrt scheduler with the diffusers class of the same name, computed here.
+
+Both get the same config, the same initial noise and the same pseudo model-output sequence (a fixed
+function of diffusers' model input and t plus seeded noise, float32); each integrates its own sample.
+Timesteps, init_noise_sigma, scale_model_input and prev_sample must agree at every step: max abs 1e-5 for
+a step from diffusers' own state, 1e-4 along a free-running trajectory (float32 rounding accumulates).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import sdrt.schedulers as S
+from sdrt.errors import InputError, SchedulerNameError
+
+SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "clip_sample": False, "trained_betas": None}
+SHAPE = (2, 4, 8, 8)
+STEPS = (1, 2, 3, 7, 25, 50, 100)
+OPT_STEPS = (1, 7, 25)
+ATOL = 1e-5  # one step from the same inputs
+ATOL_TRAJ = 1e-4  # a whole free-running trajectory: torch's float32 sqrt is not correctly rounded (<= 0.75 ulp),
+# so coefficients differ from IEEE sqrt by 1 ulp and ~1e-7 per-step differences add up over 100 steps
+
+SPACINGS = [{"timestep_spacing": "linspace"}, {"timestep_spacing": "trailing"}, {"timestep_spacing": "leading"}]
+BETAS = [{"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, {"beta_schedule": "squaredcos_cap_v2"}]
+COMMON = SPACINGS + BETAS + [{"prediction_type": "v_prediction"}, {"steps_offset": 0}]
+ZSNR = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+KARRAS = {"use_karras_sigmas": True}
+
+# class -> option overrides; each covers an option value once, a few combine several
+OPTIONS = {
+    "DDIMScheduler": COMMON + [ZSNR, {"prediction_type": "sample"}, {"set_alpha_to_one": True},
+                               {"clip_sample": True}, {"thresholding": True, "sample_max_value": 1.5},
+                               {"clip_sample": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}],
+    "PNDMScheduler": COMMON + [{"set_alpha_to_one": True},
+                               {"set_alpha_to_one": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}],
+    "DDPMScheduler": COMMON + [ZSNR, {"prediction_type": "sample"}, {"clip_sample": True},
+                               {"variance_type": "fixed_small_log"}, {"variance_type": "fixed_large"},
+                               {"thresholding": True}, {"variance_type": "fixed_large", "timestep_spacing": "linspace"}],
+    "LCMScheduler": BETAS + [{"prediction_type": "v_prediction"}, {"set_alpha_to_one": True},
+                             {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+                             {"clip_sample": True}, {"prediction_type": "sample"}, {"timestep_scaling": 5.0},
+                             {"original_inference_steps": 25, "set_alpha_to_one": True}],
+    "UniPCMultistepScheduler": COMMON + [
+        KARRAS, {"solver_type": "bh1"}, {"solver_order": 3}, {"solver_order": 1}, {"predict_x0": False, "final_sigmas_type": "sigma_min"},
+        {"final_sigmas_type": "sigma_min"}, {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, {"disable_corrector": [0]},
+        {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+        {"prediction_type": "sample"}, {"thresholding": True, "sample_max_value": 2.0},
+        {"solver_type": "bh1", "solver_order": 3, "use_karras_sigmas": True},
+        {"solver_type": "bh1", "predict_x0": False, "final_sigmas_type": "sigma_min"},
+        {"solver_order": 3, "prediction_type": "v_prediction", "lower_order_final": False,
+         "final_sigmas_type": "sigma_min"}],
+    "LMSDiscreteScheduler": COMMON + [KARRAS, {**KARRAS, "prediction_type": "v_prediction"}],
+    "EulerDiscreteScheduler": COMMON + [KARRAS, ZSNR, {**KARRAS, "timestep_spacing": "trailing"}],
+    "EulerAncestralDiscreteScheduler": COMMON + [ZSNR],
+    "HeunDiscreteScheduler": COMMON + [KARRAS, {**KARRAS, "prediction_type": "v_prediction"}],
+    "DPMSolverMultistepScheduler": COMMON + [
+        KARRAS, {"solver_order": 1}, {"solver_order": 3}, {"final_sigmas_type": "sigma_min"},
+        {"solver_type": "heun"}, {"lower_order_final": False}, {"euler_at_final": True},
+        {**KARRAS, "solver_order": 3, "final_sigmas_type": "sigma_min"}, {**KARRAS, "prediction_type": "v_prediction"}],
+}
+# ours is checked against a different diffusers config where diffusers' own result is NaN
+REF_OVERRIDES = {("DDPMScheduler", "fixed_large_log"): {"variance_type": "fixed_large"}}
+OPTIONS["DDPMScheduler"].append({"variance_type": "fixed_large_log"})
+STEP_LIMITS = {"LCMScheduler": 50}  # LCM cannot take more steps than original_inference_steps
+PRK_STEPS = (4, 7, 25)  # PNDM's PRK warmup needs >= 4 steps (diffusers crashes below)
+
+
+class TorchDraw:
+    """An sdrt-style generator drawing from a seeded torch.Generator, as diffusers' randn_tensor does."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randn(self, shape):
+        return torch.randn(tuple(shape), generator=self.g).numpy()
+
+
+def build(class_name: str, overrides: dict, ref_overrides: dict | None = None):
+    cfg = {**SD15, **overrides}
+    ours = S.from_config(cfg, name=class_name)
+    ref = getattr(diffusers, class_name).from_config({**cfg, **(ref_overrides or {})})
+    return ours, ref
+
+
+def pseudo_model(x: np.ndarray, t: float, i: int, alphas_cumprod: np.ndarray, prediction_type: str) -> np.ndarray:
+    """The optimal denoiser for N(0, 0.5^2) data at training time t, plus 5% seeded noise: realistic magnitudes."""
+    a = float(np.interp(t, np.arange(len(alphas_cumprod)), alphas_cumprod))
+    sa, sb, d = a**0.5, (1 - a) ** 0.5, a * 0.25 + (1 - a)
+    eps, x0 = sb / d * x, sa * 0.25 / d * x
+    out = {"epsilon": eps, "sample": x0, "v_prediction": sa * eps - sb * x0}[prediction_type]
+    noise = np.random.default_rng(1000 + i).standard_normal(x.shape)
+    return (out + 0.05 * noise).astype(np.float32)
+
+
+def close(ours, ref: torch.Tensor, what: str, atol: float = ATOL, operand: torch.Tensor | None = None) -> None:
+    ref = ref.numpy()
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape and ours.dtype == np.float32, (what, ours.shape, ours.dtype)
+    # float32 cannot resolve 1e-5 above |x| = 32 (zero-SNR Euler starts at sigma 4096, x + dt * d cancels
+    # from there): allow 4 ulp of the larger of the result and the step's input sample
+    scale = max(float(np.abs(ref).max()), 0.0 if operand is None else float(abs(operand).max()))
+    tol = max(atol, 4 * float(np.spacing(np.float32(scale))))
+    err = float(np.abs(ours - ref).max())
+    assert err <= tol, f"{what}: max abs diff {err:.3g} > {tol:.3g}"
+
+
+def run_parity(class_name: str, overrides: dict, steps: int, strength: float | None = None,
+               ref_overrides: dict | None = None, atol: tuple = (ATOL, ATOL_TRAJ)) -> None:
+    """Two sdrt instances run beside diffusers: ``tf`` is fed diffusers' sample before every step (so
+    each step is compared alone, to ATOL), ``free`` integrates its own sample (to ATOL_TRAJ)."""
+    tf, ref = build(class_name, overrides, ref_overrides)
+    free, _ = build(class_name, overrides, ref_overrides)
+    for sched in (tf, free, ref):
+        sched.set_timesteps(steps)
+    ts_ref = ref.timesteps.numpy()
+    ts_ours = np.asarray(tf.timesteps)
+    assert ts_ours.shape == ts_ref.shape, (ts_ours, ts_ref)
+    np.testing.assert_allclose(ts_ours, ts_ref, rtol=0, atol=1e-4)
+    assert tf.order == ref.order
+    assert abs(float(tf.init_noise_sigma) - float(ref.init_noise_sigma)) <= ATOL * max(1.0, float(ref.init_noise_sigma))
+
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal(SHAPE).astype(np.float32)
+    start = 0
+    if strength is None:
+        x_ours = noise * float(tf.init_noise_sigma)
+        x_ref = torch.from_numpy(noise) * ref.init_noise_sigma
+    else:  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents, on the diffusers scheduler
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0)
+        ref_ts = ref.timesteps[t_start * ref.order:]
+        if hasattr(ref, "set_begin_index"):
+            ref.set_begin_index(t_start * ref.order)
+        start = S.img2img_start(steps, strength, tf.order)
+        tf.set_begin_index(start)
+        free.set_begin_index(start)
+        np.testing.assert_allclose(ts_ours[start:], ref_ts.numpy(), rtol=0, atol=1e-4)
+        image = rng.standard_normal(SHAPE).astype(np.float32)
+        x_ref = ref.add_noise(torch.from_numpy(image), torch.from_numpy(noise), ref_ts[:1].repeat(SHAPE[0]))
+        x_ours = free.add_noise(image, noise, ts_ours[start])
+        close(x_ours, x_ref, "add_noise")
+
+    draw_tf, draw_free, g_ref = TorchDraw(3), TorchDraw(3), torch.Generator().manual_seed(3)
+    ref_kwargs = {"generator": g_ref} if "generator" in inspect.signature(ref.step).parameters else {}
+    last = len(ts_ref) - 1
+    acp = ref.alphas_cumprod.double().numpy()
+    largest = x_ref.abs().max()  # a free trajectory keeps the float32 resolution of its largest state
+    for i in range(start, len(ts_ref)):
+        t_o, t_r = ts_ours[i], ref.timesteps[i]
+        in_r = ref.scale_model_input(x_ref, t_r)
+        close(tf.scale_model_input(x_ref.numpy(), t_o), in_r, f"scale_model_input step {i} t={t_r}")
+        largest = max(largest, x_ref.abs().max())
+        close(free.scale_model_input(x_ours, t_o), in_r, f"free scale_model_input step {i} t={t_r}", atol[1],
+              largest)
+        out = pseudo_model(in_r.numpy(), float(t_r), i, acp, ref.config.prediction_type)
+        step_tf = tf.step(out, t_o, x_ref.numpy(), generator=draw_tf)
+        x_ours = free.step(out, t_o, x_ours, generator=draw_free).prev_sample
+        x_in, x_ref = x_ref, ref.step(torch.from_numpy(out), t_r, x_ref, **ref_kwargs).prev_sample
+        if i == last and torch.isnan(x_ref).all() and overrides.get("solver_type") == "bh1" \
+                and overrides.get("final_sigmas_type", "zero") == "zero":
+            # diffusers UniPC bh1 computes B_h = h = -inf at sigma 0 and multiplies it by 0: NaN.
+            # The order-1 update to sigma 0 is exactly the x0 prediction; ours returns that.
+            np.testing.assert_array_equal(step_tf.prev_sample, step_tf.pred_original_sample)
+            return
+        close(step_tf.prev_sample, x_ref, f"prev_sample step {i} t={t_r}", atol[0], x_in)
+        close(x_ours, x_ref, f"free prev_sample step {i} t={t_r}", atol[1], largest)
+
+
+# At t ~ 999 linear / cosine schedules have alpha_cumprod 4e-5 / 2.4e-9: x0 = (x - sqrt(1-a) eps) / sqrt(a)
+# turns a 1-ulp difference of torch's sqrt(1-a) into 1/sqrt(a) times more (LCM outputs that x0 directly,
+# UniPC keeps it in its history). diffusers' own float32 result is no closer to the exact one there.
+ILL_CONDITIONED = {("LCMScheduler", "linear"), ("LCMScheduler", "squaredcos_cap_v2"),
+                   ("UniPCMultistepScheduler", "squaredcos_cap_v2")}
+
+
+def _option_id(opts: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in opts.items()) or "sd15"
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("class_name", list(S.CLASSES))
+def test_sd15_parity(class_name, steps):
+    if steps > STEP_LIMITS.get(class_name, 1000):
+        ours_err, ref_err = pytest.raises(InputError), pytest.raises(ValueError)
+        with ours_err:
+            S.from_config(SD15, name=class_name).set_timesteps(steps)
+        with ref_err:
+            getattr(diffusers, class_name).from_config(SD15).set_timesteps(steps)
+        return
+    run_parity(class_name, {}, steps)
+
+
+OPTION_CASES = [(c, o) for c, opts in OPTIONS.items() for o in opts]
+
+
+@pytest.mark.parametrize("class_name,overrides", OPTION_CASES,
+                         ids=[f"{c}-{_option_id(o)}" for c, o in OPTION_CASES])
+def test_option_parity(class_name, overrides):
+    ref_overrides = REF_OVERRIDES.get((class_name, overrides.get("variance_type")))
+    ill = (class_name, overrides.get("beta_schedule")) in ILL_CONDITIONED
+    for steps in OPT_STEPS:
+        run_parity(class_name, overrides, steps, ref_overrides=ref_overrides,
+                   atol=(1e-4, 1e-3) if ill else (ATOL, ATOL_TRAJ))
+
+
+@pytest.mark.parametrize("overrides", [{"predict_x0": False}, {"lower_order_final": False},
+                                       {"lower_order_final": False, "solver_order": 3}])
+def test_unipc_nan_configs_refused(overrides):
+    """diffusers returns NaN/inf (or a singular solve) on the step to sigma 0 here; sdrt refuses up front."""
+    ours, ref = build("UniPCMultistepScheduler", overrides)
+    with pytest.raises(InputError, match="sigma_min"):
+        ours.set_timesteps(5)
+    ref.set_timesteps(5)
+    x = torch.ones(1, 4)
+    try:
+        for t in ref.timesteps:
+            x = ref.step(0.5 * x, t, x).prev_sample
+    except RuntimeError:
+        return
+    assert not torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("steps", PRK_STEPS)
+@pytest.mark.parametrize("overrides", [{"skip_prk_steps": False}, {"skip_prk_steps": False, "set_alpha_to_one": True,
+                                       "prediction_type": "v_prediction", "timestep_spacing": "linspace"}])
+def test_pndm_prk_parity(overrides, steps):
+    run_parity("PNDMScheduler", overrides, steps)
+
+
+def test_pndm_prk_needs_four_steps():
+    with pytest.raises(InputError):
+        S.from_config({**SD15, "skip_prk_steps": False}, name="PNDM").set_timesteps(3)
+
+
+@pytest.mark.parametrize("class_name", list(S.CLASSES))
+@pytest.mark.parametrize("strength", (0.3, 0.5, 0.75, 1.0))
+def test_img2img_parity(class_name, strength):
+    for steps in (10, 25, 50):
+        run_parity(class_name, {}, steps, strength=strength)
+
+
+@pytest.mark.parametrize("class_name", list(S.CLASSES))
+def test_bad_steps(class_name):
+    sched = S.from_config(SD15, name=class_name)
+    for steps in (0, -1, 1001):
+        with pytest.raises(InputError):
+            sched.set_timesteps(steps)
+
+
+@pytest.mark.parametrize("class_name", list(S.CLASSES))
+def test_stochastic_needs_generator(class_name):
+    sched = S.from_config(SD15, name=class_name)
+    if not sched.stochastic:
+        return
+    sched.set_timesteps(3)
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(InputError, match="generator"):
+        sched.step(x, sched.timesteps[0], x)
+
+
+NAMES = {"DDIM": "DDIMScheduler", "plms": "PNDMScheduler", "PLMS": "PNDMScheduler", "Euler a": "EulerAncestralDiscreteScheduler",
+         "euler A": "EulerAncestralDiscreteScheduler", "DPM++ 2M Karras": "DPMSolverMultistepScheduler",
+         "dpm++ 2m karras": "DPMSolverMultistepScheduler", "UniPC": "UniPCMultistepScheduler",
+         "unipc": "UniPCMultistepScheduler", "LCM": "LCMScheduler", "lcm": "LCMScheduler", "DDPM": "DDPMScheduler",
+         "LMS": "LMSDiscreteScheduler", "Heun": "HeunDiscreteScheduler", "Euler": "EulerDiscreteScheduler",
+         **{c: c for c in S.CLASSES}, **{c.lower(): c for c in S.CLASSES}, **{c.upper(): c for c in S.CLASSES}}
+
+
+@pytest.mark.parametrize("name,class_name", list(NAMES.items()))
+def test_names(name, class_name):
+    assert S.resolve(name)[0] == class_name
+    sched = S.from_config(SD15, name=name)
+    assert sched.class_name == class_name
+    if "karras" in name.lower():
+        assert sched.config.use_karras_sigmas
+
+
+def test_unknown_name():
+    with pytest.raises(SchedulerNameError) as exc:
+        S.from_config(SD15, name="Euler b")
+    for known in ("DDIM", "Euler a", "DPM++ 2M Karras", "UniPC", "LCM"):
+        assert known in str(exc.value)
+    with pytest.raises(SchedulerNameError):
+        S.from_config({**SD15, "_class_name": "FooScheduler"})
+
+
+def test_class_defaults_follow_diffusers():
+    """Keys a config leaves out take the chosen diffusers class's defaults."""
+    bare = {"num_train_timesteps": 1000}
+    for class_name in S.CLASSES:
+        ours = S.from_config(bare, name=class_name).config
+        ref = getattr(diffusers, class_name).from_config(bare).config
+        for key in ("beta_schedule", "clip_sample", "set_alpha_to_one", "timestep_spacing", "skip_prk_steps",
+                    "prediction_type", "steps_offset", "use_karras_sigmas", "solver_order", "variance_type"):
+            if key in ref:
+                assert getattr(ours, key) == ref[key], (class_name, key)
