@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sdrt.errors import InputError
-from sdrt.images import a1111_parameters, load_image, save_png
+from sdrt.images import a1111_parameters, check_same_size, load_image, save_png
 from sdrt.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,15 @@ def run(args) -> dict:
         extra["strength"] = args.strength
     if args.mode == "inpaint":
         extra["mask"] = load_image(args.mask, "mask")
+        check_same_size(extra["image"], extra["mask"])
     pipe = Pipeline(args.engines, threads=args.threads)
-    bar = tqdm(total=None, desc=args.mode, unit="step", disable=args.json, leave=False)
+    bars = []  # opened at the first step, so a request refused up front prints only its error line
 
     def on_step(i, total, t, latents):
-        bar.total = total
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=total, desc=args.mode, unit="step", leave=False,
+                             disable=True if args.json else None))  # None: off when not a terminal
+        bars[0].update(1)
 
     try:
         result = getattr(pipe, args.mode)(
@@ -47,7 +50,8 @@ def run(args) -> dict:
             seed=args.seed, width=args.width, height=args.height, scheduler=args.scheduler, batch=args.batch,
             callback=on_step, **extra)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     p = result.parameters
     sampler = args.scheduler or p["scheduler"]
     text = a1111_parameters(p["prompt"], p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],
@@ -56,8 +60,17 @@ def run(args) -> dict:
     saved = [str(save_png(image, path, text)) for image, path in zip(result.images, paths)]
     timings = {"load": pipe.load_seconds, **result.timings, "total": time.perf_counter() - start}
     summary = {"images": saved, "seed": result.seed, "timings_s": timings, "parameters": p}
-    unet = timings.get("unet", [])
-    unet = unet if isinstance(unet, list) else [unet]
-    summary["message"] = (f"saved {', '.join(saved)} (seed {result.seed}); {len(unet)} UNet calls "
-                          f"{sum(unet):.2f} s, VAE decode {timings['vae_decode']:.2f} s, total {timings['total']:.2f} s")
+    summary["message"] = f"saved {', '.join(saved)} (seed {result.seed})\n" + format_timings(timings)
     return summary
+
+
+def format_timings(timings: dict) -> str:
+    """One line per stage: seconds, and count/mean for stages timed once per step."""
+    lines = []
+    for stage, value in timings.items():
+        if isinstance(value, list):
+            lines.append(f"  {stage:<14} {sum(value) * 1e3:9.1f} ms  ({len(value)} calls, "
+                         f"mean {sum(value) / len(value) * 1e3:.1f} ms)")
+        else:
+            lines.append(f"  {stage:<14} {value * 1e3:9.1f} ms")
+    return "\n".join(lines)

@@ -170,6 +170,12 @@ def run_parity(class_name: str, overrides: dict, steps: int, strength: float | N
             # The order-1 update to sigma 0 is exactly the x0 prediction; ours returns that.
             np.testing.assert_array_equal(step_tf.prev_sample, step_tf.pred_original_sample)
             return
+        if i == last and torch.isnan(x_ref).all() and class_name == "DPMSolverMultistepScheduler" \
+                and overrides.get("final_sigmas_type") == "sigma_min" and overrides.get("use_karras_sigmas"):
+            # Karras + sigma_min repeats the last sigma, so the final step has h = 0 and diffusers divides
+            # by zero. The update's limit as h -> 0 leaves the sample unchanged; ours returns that.
+            np.testing.assert_allclose(step_tf.prev_sample, x_in.numpy(), rtol=0, atol=ATOL)
+            return
         close(step_tf.prev_sample, x_ref, f"prev_sample step {i} t={t_r}", atol[0], x_in)
         close(x_ours, x_ref, f"free prev_sample step {i} t={t_r}", atol[1], largest)
 
@@ -178,7 +184,10 @@ def run_parity(class_name: str, overrides: dict, steps: int, strength: float | N
 # turns a 1-ulp difference of torch's sqrt(1-a) into 1/sqrt(a) times more (LCM outputs that x0 directly,
 # UniPC keeps it in its history). diffusers' own float32 result is no closer to the exact one there.
 ILL_CONDITIONED = {("LCMScheduler", "linear"), ("LCMScheduler", "squaredcos_cap_v2"),
-                   ("UniPCMultistepScheduler", "squaredcos_cap_v2")}
+                   ("UniPCMultistepScheduler", "squaredcos_cap_v2"), ("DPMSolverMultistepScheduler", "squaredcos_cap_v2")}
+# Heun with 2 steps: its corrector divides by the smallest sigma (0.0292) after a subtraction that cancels
+# most digits, so the 1-ulp difference of torch's (MKL) float32 sqrt in that sigma becomes ~3e-5.
+ILL_CONDITIONED_STEPS = {("HeunDiscreteScheduler", 2)}
 
 
 def _option_id(opts: dict) -> str:
@@ -195,7 +204,8 @@ def test_sd15_parity(class_name, steps):
         with ref_err:
             getattr(diffusers, class_name).from_config(SD15).set_timesteps(steps)
         return
-    run_parity(class_name, {}, steps)
+    ill = (class_name, steps) in ILL_CONDITIONED_STEPS
+    run_parity(class_name, {}, steps, atol=(1e-4, 1e-3) if ill else (ATOL, ATOL_TRAJ))
 
 
 OPTION_CASES = [(c, o) for c, opts in OPTIONS.items() for o in opts]

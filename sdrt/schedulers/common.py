@@ -26,11 +26,16 @@ def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
     start32, end32 = np.float32(start), np.float32(end)
     if steps == 1:
         return np.array([start32], dtype=np.float32)
-    step = np.float32((end32 - start32) / np.float32(steps - 1))
-    i = np.arange(steps, dtype=np.float32)
-    front = start32 + step * i
-    back = end32 - step * (np.float32(steps - 1) - i)
-    return np.where(np.arange(steps) < steps // 2, front, back).astype(np.float32)
+    step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
+    i = np.arange(steps, dtype=np.float64)  # torch rounds start + step * i once (an FMA): float64 here
+    front = np.float64(start32) + step * i
+    back = np.float64(end32) - step * (steps - 1 - i)
+    return np.where(i < steps // 2, front, back).astype(np.float32)
+
+
+def torch_cumprod(x: np.ndarray) -> np.ndarray:
+    """float32 cumulative product accumulated in float64, as ``torch.cumprod`` does on the CPU."""
+    return np.cumprod(np.asarray(x, dtype=np.float64)).astype(np.float32)
 
 
 def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -45,9 +50,9 @@ def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Lin et al. 2023, 'Common Diffusion Noise Schedules and Sample Steps are Flawed', Alg. 1."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+    alphas_bar_sqrt = np.sqrt(torch_cumprod(1.0 - betas))
     first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))  # torch's in-place order
     alphas_bar = alphas_bar_sqrt**2
     alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return (1 - alphas).astype(np.float32)
@@ -75,7 +80,7 @@ def make_betas(config: SchedulerConfig) -> np.ndarray:
 
 def make_alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
     """float32 cumulative product of (1 - beta), like diffusers' ``torch.cumprod``."""
-    alphas_cumprod = np.cumprod(1.0 - make_betas(config), dtype=np.float32)
+    alphas_cumprod = torch_cumprod(1.0 - make_betas(config))
     if config.rescale_betas_zero_snr:
         alphas_cumprod[-1] = np.float32(2**-24)  # diffusers avoids an infinite sigma this way
     return alphas_cumprod
@@ -144,3 +149,50 @@ def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> 
         raise InputError(f"strength must be in (0, 1], got {strength}")
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
     return max(num_inference_steps - init_timestep, 0) * order
+
+
+def plain_alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """float32 cumprod of (1 - beta) without the zero-SNR 2**-24 patch (DDIM, DDPM, PNDM, LCM keep a 0)."""
+    return torch_cumprod(1.0 - make_betas(config))
+
+
+def add_noise_vp(alphas_cumprod: np.ndarray, original_samples, noise, timestep):
+    """sqrt(a_t) x0 + sqrt(1 - a_t) noise with float32 coefficients (diffusers DDPM-family ``add_noise``)."""
+    a_t = np.float32(alphas_cumprod[int(timestep)])
+    return float(np.sqrt(a_t)) * original_samples + float(np.sqrt(np.float32(1) - a_t)) * noise
+
+
+def threshold_sample(x0, ratio: float, max_value: float):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen), per batch item, as diffusers ``_threshold_sample``."""
+    flat = x0.reshape(x0.shape[0], -1)
+    s = np.quantile(abs(flat), ratio, axis=1).astype(flat.dtype).clip(1, max_value)[:, None]
+    return (flat.clip(-s, s) / s).reshape(x0.shape)
+
+
+def need_generator(generator, name: str) -> None:
+    if generator is None:
+        raise InputError(f"{name} draws noise at every step: pass a generator (seed) to step()")
+
+
+def predicted_x0_eps(config: SchedulerConfig, model_output, sample, alpha_cumprod: float, need_eps: bool = True):
+    """(x0, eps) from a model output under ``prediction_type`` (epsilon | sample | v_prediction), using
+    float32 sqrt(a_t), sqrt(1 - a_t) like diffusers' DDIM/DDPM/LCM; eps is None unless ``need_eps``."""
+    a_t = np.float32(alpha_cumprod)
+    sa, sb = float(np.sqrt(a_t)), float(np.sqrt(np.float32(1) - a_t))
+    kind = config.prediction_type
+    if kind == "epsilon":
+        return (sample - sb * model_output) / sa, model_output
+    if kind == "sample":
+        return model_output, ((sample - sa * model_output) / sb if need_eps else None)
+    if kind == "v_prediction":
+        return sa * sample - sb * model_output, (sa * model_output + sb * sample if need_eps else None)
+    raise InputError(f"prediction_type {kind!r} is not supported (epsilon, sample, v_prediction)")
+
+
+def clip_x0(config: SchedulerConfig, x0):
+    """diffusers' dynamic thresholding, else ``clip_sample`` to +-clip_sample_range, of a predicted x0."""
+    if config.thresholding:
+        return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+    if config.clip_sample:
+        return x0.clip(-config.clip_sample_range, config.clip_sample_range)
+    return x0

@@ -45,6 +45,9 @@ class SchedulerConfig:
     disable_corrector: tuple = ()
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    sigma_min: float | None = None  # Euler: Karras ramp range override
+    sigma_max: float | None = None
+    lambda_min_clipped: float = float("-inf")  # DPM-Solver: clip the smallest log-SNR
 
     @classmethod
     def from_dict(cls, data: dict, class_defaults: dict | None = None) -> "SchedulerConfig":
