@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from sdrt.errors import InputError
 
 
 def check_guidance(scale: float) -> float:
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(scale) or scale < 0:
         raise InputError(f"guidance must be a finite number >= 0, got {scale!r}")
     return float(scale)
 

@@ -28,6 +28,9 @@ def load_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
             return handle.copy()
     except UnidentifiedImageError:
         raise ImageInputError(f"{what} {path} is not an image file Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"{what} {path} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+                              "refusing it as a decompression bomb") from None
     except OSError as exc:
         raise ImageInputError(f"{what} {path} cannot be read: {exc}") from None
 
@@ -85,6 +88,12 @@ def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str
     return "\n".join(lines)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_png(image: np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> Path:
     """Write a uint8 HxWx3 image as PNG atomically (temp file + rename), with a parameters chunk."""
     path = Path(path)
@@ -99,6 +108,7 @@ def save_png(image: np.ndarray, path: str | os.PathLike, parameters: str | None 
     try:
         with os.fdopen(fd, "wb") as handle:
             Image.fromarray(image).save(handle, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual modes
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -137,13 +138,46 @@ def load_manifest(engine_dir: str | os.PathLike) -> Manifest:
             "re-export with this sdrt"
         )
     try:
+        _validate(data)
         manifest = Manifest(root, data)
         manifest.specs, manifest.sizes  # noqa: B018 - validates dims and sizes
-        for name, entry in data["components"].items():
-            if name not in COMPONENTS or not entry["files"]:
-                raise ValueError(f"bad component entry {name!r}")
-            for record in entry["files"]:
-                record["path"], record["sha256"], int(record["size"])
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ArtifactError(f"{path} is malformed ({exc}); re-run `sdrt export --force`") from None
     return manifest
+
+
+def _section(data: dict, key: str) -> dict:
+    if not isinstance(data[key], dict):
+        raise TypeError(f"{key} is not a JSON object")
+    return data[key]
+
+
+def _validate(data: dict) -> None:
+    """Types of everything the runtime reads later, so a bad manifest fails here and not mid-generation."""
+    for key, value in _section(data, "dims").items():
+        if key in ModelDims.__dataclass_fields__ and key != "family" and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"dims.{key} must be a positive integer, got {value!r}")
+    _section(data, "sizes")
+    _section(data, "scheduler")
+    if not isinstance(_section(data, "tokenizer").get("dir"), str):
+        raise ValueError("tokenizer has no dir")
+    vae = _section(data, "vae")
+    for key in ("scaling_factor", "shift_factor"):
+        value = vae.get(key)
+        if (value is not None or key == "scaling_factor") and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+            raise ValueError(f"vae.{key} must be a finite number, got {value!r}")
+    for name, entry in _section(data, "components").items():
+        if name not in COMPONENTS or not isinstance(entry, dict) or not entry.get("files") \
+                or not isinstance(entry["files"], list):
+            raise ValueError(f"bad component entry {name!r}")
+        for record in entry["files"]:
+            if not isinstance(record, dict):
+                raise ValueError(f"component {name} has a file entry that is not a JSON object")
+            relpath = record["path"]
+            if not isinstance(relpath, str) or Path(relpath).is_absolute() or ".." in Path(relpath).parts:
+                raise ValueError(f"component {name} file path {relpath!r} is not inside the artifact")
+            if not isinstance(record["sha256"], str):
+                raise ValueError(f"component {name} file {relpath} has no sha256")
+            int(record["size"])

@@ -20,7 +20,7 @@ from sdrt import schedulers
 from sdrt.backends import open_engine
 from sdrt.errors import Cancelled, InputError, NumericsError
 from sdrt.guidance import check_guidance, guide, uses_cfg
-from sdrt.images import load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
+from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
 from sdrt.manifest import load_manifest
 from sdrt.rng import TorchGenerator, random_seed
 from sdrt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
@@ -49,6 +49,8 @@ class Result:
 class Timings:
     """Wall time per stage; stages timed several times (UNet calls) keep every sample."""
 
+    PER_CALL = ("unet",)
+
     def __init__(self):
         self.samples: dict[str, list[float]] = {}
 
@@ -61,12 +63,13 @@ class Timings:
             self.samples.setdefault(stage, []).append(time.perf_counter() - start)
 
     def summary(self) -> dict:
-        return {k: (v[0] if len(v) == 1 else v) for k, v in self.samples.items()}
+        """Seconds per stage; stages timed once per step (``PER_CALL``) stay lists."""
+        return {k: (v if k in self.PER_CALL else sum(v)) for k, v in self.samples.items()}
 
 
-def _check_finite(array: np.ndarray, stage: str, step: int | None = None) -> None:
+def _check_finite(array: np.ndarray, stage: str, step: int | None = None, total: int | None = None) -> None:
     if not np.isfinite(array).all():
-        where = f" at step {step}" if step is not None else ""
+        where = f" at step {step}/{total}" if step is not None else ""
         raise NumericsError(
             f"NaN/inf in {stage}{where}: the engine overflowed (with fp16 engines, rebuild this component in fp32)"
         )
@@ -109,13 +112,14 @@ class Pipeline:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
         if not isinstance(batch, (int, np.integer)) or batch < 1:
             raise InputError(f"batch must be an integer >= 1, got {batch!r}")
-        if mode != "txt2img" and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+        if mode != "txt2img" and not (isinstance(strength, (int, float, np.floating)) and 0 < strength <= 1):
             raise InputError(f"strength must be in (0, 1], got {strength!r}")
         image, mask = self._inputs(mode, image, mask)
         scale = self.dims.vae_scale_factor
         default_w, default_h = (image.width - image.width % scale, image.height - image.height % scale) if image \
             else (m.sizes.opt_size, m.sizes.opt_size)
-        width, height = width or default_w, height or default_h
+        width = default_w if width is None else width
+        height = default_h if height is None else height
         m.sizes.check(width, height, batch, scale)
         sched = schedulers.from_config(m.scheduler_config, scheduler)
         seed = random_seed() if seed is None else seed
@@ -155,7 +159,7 @@ class Pipeline:
                 latents = sched.step(noise_pred, t, latents, generator=generator).prev_sample
                 if mode == "inpaint" and self.dims.unet_in_channels == 4:
                     latents = self._blend(latents, extra, timesteps, i, sched)
-                _check_finite(latents, "latents after UNet step", i)
+                _check_finite(latents, "latents", i + 1, total)
             if callback is not None and callback(i, total, float(t), latents) is False:
                 raise Cancelled(f"cancelled by the step callback at step {i + 1}/{total}")
 
@@ -176,9 +180,7 @@ class Pipeline:
         image = image if hasattr(image, "convert") else load_image(image, "image")
         if mode == "inpaint":
             mask = mask if hasattr(mask, "convert") else load_image(mask, "mask")
-            if image.size != mask.size:
-                raise InputError(f"mask size {mask.width}x{mask.height} differs from image size "
-                                 f"{image.width}x{image.height}")
+            check_same_size(image, mask)
         return image, mask
 
     def _encode_prompt(self, prompt, negative_prompt, batch, cfg, timings) -> np.ndarray:
