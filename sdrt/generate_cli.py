@@ -59,8 +59,6 @@ def run(args) -> dict:
                                                         if args.mode != "txt2img" else {}))
     saved = [str(save_png(image, path, text)) for image, path in zip(result.images, paths)]
     timings = {"load": pipe.load_seconds, **result.timings, "total": time.perf_counter() - start}
-    if not isinstance(timings.get("unet", []), list):
-        timings["unet"] = [timings["unet"]]  # one entry per UNet call, also when there was only one
     summary = {"images": saved, "seed": result.seed, "timings_s": timings, "parameters": p}
     summary["message"] = f"saved {', '.join(saved)} (seed {result.seed})\n" + format_timings(timings)
     return summary

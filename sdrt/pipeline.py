@@ -81,6 +81,8 @@ class Pipeline:
     def __init__(self, engine_dir: str | os.PathLike, backend: str = "ort-cpu", threads: int | None = None):
         start = time.perf_counter()
         self.manifest = load_manifest(engine_dir)
+        for record in self.manifest.data["tokenizer"].get("files", []):
+            self.manifest.check_file(record)
         self.tokenizer = ClipTokenizer.from_dir(self.manifest.tokenizer_dir)
         self.backend, self.threads = backend, threads
         self._engines: dict = {}
