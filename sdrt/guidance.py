@@ -22,7 +22,8 @@ def uses_cfg(scale: float) -> bool:
 
 
 def guide(noise_pred, scale: float):
-    """eps = eps_uncond + s * (eps_cond - eps_uncond) on a batch laid out [uncond; cond]."""
+    """eps = eps_uncond + s * (eps_cond - eps_uncond) on a batch laid out [uncond; cond]; slicing and
+    operators only, so it runs on any Array-API namespace (numpy, cupy)."""
     half = noise_pred.shape[0] // 2
-    uncond, cond = noise_pred[:half], noise_pred[half:]
+    uncond, cond = noise_pred[:half, ...], noise_pred[half:, ...]
     return uncond + scale * (cond - uncond)

@@ -11,9 +11,11 @@ from sdrt.schedulers.config import SchedulerConfig
 class Scheduler:
     """Base class. Subclasses set ``class_name``/``defaults`` and implement ``set_timesteps``/``step``.
 
-    ``set_timesteps(n)`` precomputes numpy tables; ``step`` is arithmetic on them. Stochastic
-    schedulers draw noise from ``generator.randn(shape)`` (an ``sdrt.rng`` generator), in the same
-    order as diffusers' pipelines draw it, so seeds reproduce diffusers.
+    ``set_timesteps(n)`` precomputes numpy tables; ``step`` is arithmetic on them, with samples and
+    model outputs of any Array-API namespace (numpy, cupy: see ``common.namespace``); history buffers
+    hold arrays of that namespace. Stochastic schedulers draw noise from ``generator.randn(shape)`` (an
+    ``sdrt.rng`` generator, numpy), in the same order as diffusers' pipelines draw it, so seeds reproduce
+    diffusers, and move it into the sample's namespace.
     """
 
     class_name = ""  # the diffusers class this file matches

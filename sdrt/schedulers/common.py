@@ -1,13 +1,16 @@
 """Math shared by every scheduler: beta schedules, timestep spacings, sigma tables, noising.
 
-Tables are numpy, computed once in ``set_timesteps``; ``step`` functions only do arithmetic on
-arrays, so they run unchanged on any array type with operators (numpy, cupy).
-Precision follows diffusers: betas and alphas_cumprod are float32, like its torch tensors.
+Tables are numpy, computed once in ``set_timesteps``; ``step``, ``scale_model_input`` and ``add_noise``
+take their per-step scalars from them as Python floats and do array math with operators and the
+sample's own Array-API namespace (``namespace``), so they run unchanged on numpy, cupy or
+array_api_strict arrays. Precision follows diffusers: betas and alphas_cumprod are float32, like its
+torch tensors.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -19,6 +22,38 @@ from sdrt.schedulers.config import SchedulerConfig
 class StepOutput(NamedTuple):
     prev_sample: object
     pred_original_sample: object = None
+
+
+def namespace(x):
+    """The Array-API namespace of array ``x`` (``x.__array_namespace__()``); for array types without
+    one (numpy < 2, older cupy) the top-level module of its class, which has the same functions."""
+    get = getattr(x, "__array_namespace__", None)
+    if get is not None:
+        return get()
+    return sys.modules[type(x).__module__.split(".")[0]]
+
+
+def to_namespace(array, like):
+    """``array`` (e.g. numpy noise from a generator) as an array of ``like``'s namespace. For a cupy
+    ``like`` that is a host-to-device copy of ``array`` only; a no-op when the namespaces match."""
+    return namespace(like).asarray(array)
+
+
+def astype(x, dtype):
+    """``x`` as ``dtype`` (a dtype of ``x``'s namespace), without a copy when it already is one."""
+    if x.dtype == dtype:
+        return x
+    xp = namespace(x)
+    return xp.astype(x, dtype) if hasattr(xp, "astype") else x.astype(dtype)
+
+
+def per_item(values: np.ndarray, like):
+    """Per-batch-item coefficients shaped to broadcast against ``like`` in its namespace; one value
+    becomes a Python float."""
+    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    if len(values) == 1:
+        return float(values[0])
+    return to_namespace(values.reshape((-1,) + (1,) * (like.ndim - 1)), like)
 
 
 def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
@@ -159,14 +194,30 @@ def plain_alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
 def add_noise_vp(alphas_cumprod: np.ndarray, original_samples, noise, timestep):
     """sqrt(a_t) x0 + sqrt(1 - a_t) noise with float32 coefficients (diffusers DDPM-family ``add_noise``)."""
     a_t = np.float32(alphas_cumprod[int(timestep)])
+    noise = to_namespace(noise, original_samples)
     return float(np.sqrt(a_t)) * original_samples + float(np.sqrt(np.float32(1) - a_t)) * noise
+
+
+def quantile_rows(x, q: float):
+    """Per-row ``q``-quantile of 2-D ``x`` with linear interpolation (numpy's / torch's default method),
+    by sort and index arithmetic in ``x``'s namespace (the Array API has no quantile)."""
+    xp, n = namespace(x), x.shape[1]
+    pos = q * (n - 1)
+    lo = min(int(math.floor(pos)), n - 1)
+    hi, frac = min(lo + 1, n - 1), pos - lo
+    ordered = xp.sort(x, axis=1)
+    below, above = ordered[:, lo], ordered[:, hi]
+    if frac < 0.5:  # the two-sided lerp numpy and torch use: exact at both ends
+        return below + (above - below) * frac
+    return above - (above - below) * (1 - frac)
 
 
 def threshold_sample(x0, ratio: float, max_value: float):
     """Dynamic thresholding (Saharia et al. 2022, Imagen), per batch item, as diffusers ``_threshold_sample``."""
-    flat = x0.reshape(x0.shape[0], -1)
-    s = np.quantile(abs(flat), ratio, axis=1).astype(flat.dtype).clip(1, max_value)[:, None]
-    return (flat.clip(-s, s) / s).reshape(x0.shape)
+    xp = namespace(x0)
+    flat = xp.reshape(x0, (x0.shape[0], -1))
+    s = xp.clip(quantile_rows(xp.abs(flat), ratio), 1.0, float(max_value))[:, None]
+    return xp.reshape(xp.clip(flat, -s, s) / s, x0.shape)
 
 
 def need_generator(generator, name: str) -> None:
@@ -194,5 +245,5 @@ def clip_x0(config: SchedulerConfig, x0):
     if config.thresholding:
         return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
     if config.clip_sample:
-        return x0.clip(-config.clip_sample_range, config.clip_sample_range)
+        return namespace(x0).clip(x0, -float(config.clip_sample_range), float(config.clip_sample_range))
     return x0

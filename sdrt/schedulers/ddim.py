@@ -6,7 +6,7 @@ import numpy as np
 
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import (StepOutput, add_noise_vp, clip_x0, need_generator, plain_alphas_cumprod,
-                                    predicted_x0_eps, spaced_timesteps)
+                                    predicted_x0_eps, spaced_timesteps, to_namespace)
 
 f32 = np.float32
 
@@ -42,7 +42,7 @@ class DDIM(Scheduler):
         prev_sample = float(np.sqrt(a_p)) * x0 + float(np.sqrt(f32(1) - a_p - std * std)) * eps
         if eta > 0:
             need_generator(generator, "DDIM with eta > 0")
-            prev_sample = prev_sample + float(std) * generator.randn(model_output.shape)
+            prev_sample = prev_sample + float(std) * to_namespace(generator.randn(model_output.shape), sample)
         return StepOutput(prev_sample, x0)
 
     def add_noise(self, original_samples, noise, timestep):

@@ -8,7 +8,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import (StepOutput, add_noise_vp, clip_x0, need_generator, plain_alphas_cumprod,
-                                    predicted_x0_eps, spaced_timesteps)
+                                    predicted_x0_eps, spaced_timesteps, to_namespace)
 
 f32 = np.float32
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
@@ -67,7 +67,7 @@ class DDPM(Scheduler):
         prev_sample = float(c_x0) * x0 + float(c_x) * sample
         if t > 0:
             need_generator(generator, "DDPM")
-            prev_sample = prev_sample + self.std(t) * generator.randn(model_output.shape)
+            prev_sample = prev_sample + self.std(t) * to_namespace(generator.randn(model_output.shape), sample)
         return StepOutput(prev_sample, x0)
 
     def add_noise(self, original_samples, noise, timestep):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from sdrt.errors import InputError
-from sdrt.schedulers.common import StepOutput, check_steps, need_generator, sigma_to_t, threshold_sample
+from sdrt.schedulers.common import (StepOutput, astype, check_steps, namespace, need_generator, per_item, sigma_to_t,
+                                    threshold_sample, to_namespace)
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, final_sigma, karras
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
@@ -81,20 +82,20 @@ class DPMSolverMultistep(SigmaScheduler):
         return sample
 
     def add_noise(self, original_samples, noise, timestep):
-        """alpha_t x0 + sigma_t noise, with (alpha_t, sigma_t) from the sigma at ``timestep``."""
-        sigma = np.asarray(self._noise_sigmas(original_samples, timestep), dtype=np.float32)
+        """alpha_t x0 + sigma_t noise, with (alpha_t, sigma_t) from the sigma at ``timestep``; ``noise``
+        (numpy from a generator) is moved into the namespace of ``original_samples``."""
+        sigma = self._noise_sigmas(timestep)
         alpha_t = f32(1) / np.sqrt(sigma * sigma + f32(1))
         sigma_t = sigma * alpha_t
-        if alpha_t.ndim == 0:
-            alpha_t, sigma_t = float(alpha_t), float(sigma_t)
-        return alpha_t * original_samples + sigma_t * noise
+        noise = to_namespace(noise, original_samples)
+        return per_item(alpha_t, original_samples) * original_samples + per_item(sigma_t, original_samples) * noise
 
     def _convert(self, model_output, sample, i: int):
         """The model output as x0 (dpmsolver++) or eps (dpmsolver), as diffusers ``convert_model_output``."""
         cfg, kind = self.config, self.config.prediction_type
         alpha, sigma = float(self.alpha_s[i]), float(self.sigma_s[i])
         if cfg.variance_type in ("learned", "learned_range"):
-            model_output = model_output[:, :3]
+            model_output = model_output[:, :3, ...]
         if kind not in ("epsilon", "sample", "v_prediction"):
             raise InputError(f"prediction_type {kind!r} is not supported (epsilon, sample, v_prediction)")
         if cfg.algorithm_type.endswith("++"):
@@ -119,11 +120,11 @@ class DPMSolverMultistep(SigmaScheduler):
         second = i == n - 2 and cfg.lower_order_final and n < 15
         converted = self._convert(model_output, sample, i)
         self.model_outputs = self.model_outputs[1:] + [converted]
-        sample = sample.astype(np.float32, copy=False)
+        sample = astype(sample, namespace(sample).float32)
         noise = None
         if self.stochastic:
             need_generator(generator, cfg.algorithm_type)
-            noise = generator.randn(model_output.shape)
+            noise = to_namespace(generator.randn(model_output.shape), sample)
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or final:
             order = 1
         elif cfg.solver_order == 2 or self.lower_order_nums < 2 or second:
@@ -134,7 +135,7 @@ class DPMSolverMultistep(SigmaScheduler):
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
         self._step_index = i + 1
         x0 = converted if cfg.algorithm_type.endswith("++") else None
-        return StepOutput(prev_sample.astype(model_output.dtype, copy=False), x0)
+        return StepOutput(astype(prev_sample, model_output.dtype), x0)
 
     def _update(self, order: int, sample, noise, i: int):
         """One multistep update; D_k are divided differences of the stored outputs in lambda."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdrt.errors import InputError
-from sdrt.schedulers.common import StepOutput
+from sdrt.schedulers.common import StepOutput, astype, namespace
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, final_sigma, k_schedule, noise_sigma, x0_from
 
 
@@ -36,9 +36,9 @@ class Euler(SigmaScheduler):
         # x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * d_i,  d_i = (x_i - x0_i) / sigma_i
         i = self._init_step_index(timestep)
         sigma, sigma_next = f32(self.sigmas[i]), f32(self.sigmas[i + 1])
-        sample = sample.astype(np.float32, copy=False)
+        sample = astype(sample, namespace(sample).float32)
         x0 = x0_from(self.config, model_output, sample, sigma)
         derivative = (sample - x0) / float(sigma)
         prev_sample = sample + derivative * float(sigma_next - sigma)
         self._step_index = i + 1
-        return StepOutput(prev_sample.astype(model_output.dtype, copy=False), x0)
+        return StepOutput(astype(prev_sample, model_output.dtype), x0)

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from sdrt.errors import InputError
-from sdrt.schedulers.common import StepOutput, need_generator
+from sdrt.schedulers.common import StepOutput, astype, namespace, need_generator, to_namespace
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, k_schedule, noise_sigma, x0_from
 
 
@@ -36,10 +36,10 @@ class EulerAncestral(SigmaScheduler):
         s_from, s_to = f32(self.sigmas[i]), f32(self.sigmas[i + 1])
         sigma_up = np.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
         sigma_down = np.sqrt(s_to * s_to - sigma_up * sigma_up)
-        sample = sample.astype(np.float32, copy=False)
+        sample = astype(sample, namespace(sample).float32)
         x0 = x0_from(self.config, model_output, sample, s_from)
         derivative = (sample - x0) / float(s_from)
         prev_sample = sample + derivative * float(sigma_down - s_from)
-        prev_sample = prev_sample + generator.randn(model_output.shape) * float(sigma_up)
+        prev_sample = prev_sample + to_namespace(generator.randn(model_output.shape), sample) * float(sigma_up)
         self._step_index = i + 1
-        return StepOutput(prev_sample.astype(model_output.dtype, copy=False), x0)
+        return StepOutput(astype(prev_sample, model_output.dtype), x0)

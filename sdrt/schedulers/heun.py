@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdrt.schedulers.common import StepOutput
+from sdrt.schedulers.common import StepOutput, namespace
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, k_schedule, noise_sigma, x0_from
 
 
@@ -49,5 +49,6 @@ class Heun(SigmaScheduler):
 
     def _clip(self, x0):
         if self.config.clip_sample:
-            return x0.clip(-self.config.clip_sample_range, self.config.clip_sample_range)
+            r = float(self.config.clip_sample_range)
+            return namespace(x0).clip(x0, -r, r)
         return x0

@@ -7,7 +7,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import (StepOutput, add_noise_vp, check_steps, clip_x0, need_generator,
-                                    plain_alphas_cumprod, predicted_x0_eps)
+                                    plain_alphas_cumprod, predicted_x0_eps, to_namespace)
 
 f32 = np.float32
 SIGMA_DATA = 0.5
@@ -60,7 +60,7 @@ class LCM(Scheduler):
         denoised = c_out * clip_x0(self.config, x0) + c_skip * sample
         if i != self.num_inference_steps - 1:
             need_generator(generator, "LCM")
-            noise = generator.randn(model_output.shape)
+            noise = to_namespace(generator.randn(model_output.shape), sample)
             prev_sample = float(np.sqrt(a_p)) * denoised + float(np.sqrt(f32(1) - a_p)) * noise
         else:
             prev_sample = denoised

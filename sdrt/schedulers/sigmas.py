@@ -13,8 +13,9 @@ import numpy as np
 
 from sdrt.errors import InputError
 from sdrt.schedulers.base import Scheduler
-from sdrt.schedulers.common import (check_steps, karras_sigmas, make_alphas_cumprod, sigma_to_t,
-                                    sigmas_from_alphas_cumprod, spaced_timesteps, torch_linspace)
+from sdrt.schedulers.common import (check_steps, karras_sigmas, make_alphas_cumprod, per_item,
+                                    sigma_to_t, sigmas_from_alphas_cumprod, spaced_timesteps, to_namespace,
+                                    torch_linspace)
 
 f32 = np.float32
 
@@ -129,14 +130,13 @@ class SigmaScheduler(Scheduler):
             return self.index_for_timestep(timestep)
         return self._step_index if self._step_index is not None else self._begin_index
 
-    def _noise_sigmas(self, original_samples, timestep):
-        """float32 sigma(s) for ``timestep`` (a scalar or one per batch item), shaped to broadcast."""
+    def _noise_sigmas(self, timestep) -> np.ndarray:
+        """float32 sigma(s) for ``timestep`` (a scalar or one per batch item, host values), 1-D."""
         ts = np.asarray(timestep).reshape(-1)
-        sig = np.array([self.sigmas[self._noise_index(t)] for t in ts], dtype=np.float32)
-        if len(sig) == 1:
-            return float(sig[0])
-        return sig.reshape((-1,) + (1,) * (original_samples.ndim - 1))
+        return np.array([self.sigmas[self._noise_index(t)] for t in ts], dtype=np.float32)
 
     def add_noise(self, original_samples, noise, timestep):
-        """x0 + sigma * noise at the sigma of ``timestep`` (begin_index's when set, as diffusers)."""
-        return original_samples + noise * self._noise_sigmas(original_samples, timestep)
+        """x0 + sigma * noise at the sigma of ``timestep`` (begin_index's when set, as diffusers);
+        ``noise`` (numpy from a generator) is moved into the namespace of ``original_samples``."""
+        sigma = per_item(self._noise_sigmas(timestep), original_samples)
+        return original_samples + to_namespace(noise, original_samples) * sigma

@@ -8,7 +8,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import (StepOutput, check_steps, karras_sigmas, make_alphas_cumprod, sigma_to_t,
-                                    sigmas_from_alphas_cumprod, threshold_sample)
+                                    sigmas_from_alphas_cumprod, threshold_sample, to_namespace)
 
 f32 = np.float32
 
@@ -149,6 +149,9 @@ class UniPC(Scheduler):
         return StepOutput(prev_sample, m if self.config.predict_x0 else None)
 
     def add_noise(self, original_samples, noise, timestep):
+        """alpha_t x0 + sigma_t noise at the current (or begin) step; ``noise`` (numpy from a generator)
+        is moved into the namespace of ``original_samples``."""
+        noise = to_namespace(noise, original_samples)
         i = self._step_index if self._step_index is not None else (
             self._begin_index if self._begin_index is not None else self._index_for(timestep))
         return float(self.alpha_t[i]) * original_samples + float(self.sigma_t[i]) * noise
