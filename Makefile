@@ -7,7 +7,7 @@ MODEL ?= engines/tiny-model
 ENGINES ?= engines/tiny
 OUTDIR ?= engines/out
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,12 @@ demo: install
 	$(BIN)/sdrt txt2img --engines $(ENGINES) --prompt "a photo of a cat" --steps 20 --seed 42 \
 		--width 256 --height 256 --out $(OUTDIR)/cat.png
 
+# Runs every test; the gpu-marked ones skip without an NVIDIA GPU, CUDA and tensorrt/tensorrt_rtx.
 test: install
 	$(BIN)/python -m pytest -q
+
+gpu-test: install
+	$(BIN)/python -m pytest -m gpu -q
 
 clean:
 	rm -rf $(VENV) engines/tiny engines/tiny-model engines/out

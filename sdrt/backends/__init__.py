@@ -1,28 +1,46 @@
 """Backends: one protocol, ``engine(feeds: dict[str, array]) -> dict[str, array]``.
 
-Backends run one component each and know nothing about guidance, schedulers or images.
+Backends run one component each and know nothing about guidance, schedulers or images. The ort-*
+backends run the exported ONNX, or the graphs ``sdrt build-engines`` optimized for them when the
+manifest records some; tensorrt / tensorrt-rtx run built engines only (see ``tensorrt.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
 
-BACKENDS = ("ort-cpu", "ort-cuda")
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
 
 
 class Engine(Protocol):
     def __call__(self, feeds: dict) -> dict: ...
 
 
-def open_engine(manifest: Manifest, component: str, backend: str = "ort-cpu", threads: int | None = None) -> Engine:
+def open_engine(manifest: Manifest, component: str, backend: str = "ort-cpu", threads: int | None = None,
+                cuda_graph: bool = False) -> Engine:
     """Open one component of an ENGINE_DIR after checking its files against the manifest."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    path = manifest.verified_path(component)
-    from sdrt.backends.ort import OrtEngine
+    if backend.startswith("tensorrt"):
+        from sdrt.backends.tensorrt import open_tensorrt
 
+        return open_tensorrt(manifest, component, backend, cuda_graph=cuda_graph)
+    from sdrt.backends.ort import OrtEngine, ort
+
+    record = manifest.engines(backend).get("components", {}).get(component)
+    if record and record.get("version") == ort.__version__:
+        path, _ = manifest.verified_engine(backend, component)
+    else:
+        if record:
+            log.warning("%s: the %s graph was optimized by onnxruntime %s, this is %s; running the exported ONNX "
+                        "(rebuild with `%s`)", component, backend, record.get("version"), ort.__version__,
+                        manifest.rebuild_command(backend))
+        path = manifest.verified_path(component)
     return OrtEngine(path, manifest.specs[component], device="cuda" if backend == "ort-cuda" else "cpu",
                      threads=threads)

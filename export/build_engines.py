@@ -1,0 +1,305 @@
+"""``sdrt build-engines``: ENGINE_DIR's ONNX -> TensorRT / TensorRT-RTX engines (or ONNX Runtime-optimized
+graphs), recorded in the manifest under ``engines`` and rebuilt only when something they depend on changed.
+
+Exports first when ENGINE_DIR has no manifest or was exported from another model folder, size range or
+precision. Then builds one component at a time: engine written to a temp file and renamed into
+``ENGINE_DIR/<backend>/``, then its record (ONNX digest, flavour and version, GPU or targets, profile,
+options, sha256) written to the manifest atomically, so an interrupted build keeps what finished and
+never leaves a partial engine. A component whose record matches the request and whose file matches its
+sha256 is skipped; a run with nothing to do writes nothing and says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from sdrt.errors import ArtifactError, ExportError, InputError, OutputExistsError
+from sdrt.manifest import ENGINES_KEY, MANIFEST_NAME, Manifest, file_record, load_manifest, write_json_atomic
+from sdrt.specs import BATCH, ComponentSpec, SizeRange
+from sdrt_export import trt_builder
+from sdrt_export.trt_builder import LABELS, BuildOptions
+
+log = logging.getLogger(__name__)
+
+TRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
+BUILD_BACKENDS = (*TRT_BACKENDS, "ort-cpu", "ort-cuda")
+TIMING_CACHE, RUNTIME_CACHE = "timing.cache", "runtime.cache"
+
+
+def parse_static(value, sizes: SizeRange | None = None) -> tuple[int, int] | None:
+    """``"512x768"`` -> (width, height), checked against the export's size range."""
+    if value is None:
+        return None
+    try:
+        width, height = value if isinstance(value, tuple) else (int(v) for v in str(value).lower().split("x"))
+    except ValueError:
+        raise InputError(f"--static takes WIDTHxHEIGHT such as 512x512, got {value!r}") from None
+    for label, side in (("width", width), ("height", height)):
+        if sizes and (side % 8 or not sizes.min_size <= side <= sizes.max_size):
+            raise InputError(f"--static {label} {side} must be a multiple of 8 in {sizes.min_size}..{sizes.max_size} "
+                             "(the export size range)")
+    return width, height
+
+
+def profile_for(spec: ComponentSpec, sizes: SizeRange, static: tuple[int, int] | None = None) -> dict:
+    """min/opt/max of every input from the spec; ``static`` fixes height and width (min=opt=max) and
+    keeps the spec's batch range."""
+    base = spec.profile(sizes)
+    if static is None:
+        return {name: [list(s) for s in shapes] for name, shapes in base.items()}
+    width, height = static
+    profile = {}
+    for t in spec.inputs:
+        axis = t.dims.index(BATCH) if BATCH in t.dims else None
+        batches = [shape[axis] if axis is not None else 1 for shape in base[t.name]]
+        profile[t.name] = [list(t.shape(b, height, width, spec.scale)) for b in batches]
+    return profile
+
+
+def build_command(model_dir: Path, out: Path, backend: str, sizes: SizeRange, static, options: BuildOptions,
+                  precision: str) -> str:
+    parts = ["sdrt", "build-engines", "--model", str(model_dir), "--out", str(out), "--backend", backend,
+             "--min-size", str(sizes.min_size), "--opt-size", str(sizes.opt_size),
+             "--max-size", str(sizes.max_size), "--max-batch", str(sizes.max_batch), "--precision", precision]
+    if static:
+        parts += ["--static", f"{static[0]}x{static[1]}"]
+    if backend in TRT_BACKENDS:
+        parts += ["--builder-level", str(options.builder_level)]
+        if options.workspace_gb is not None:
+            parts += ["--workspace", f"{options.workspace_gb:g}"]
+        if options.targets:
+            parts += ["--gpu-targets", ",".join(t.lower() for t in options.targets)]
+    return shlex.join(parts)
+
+
+def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bool) -> str | None:
+    """Export into ``out`` unless its manifest already has this model, size range and precision;
+    return why it exported (None when it did not)."""
+    try:
+        from sdrt_export.exporter import export_model, hash_folder, validate_model_dir
+    except ImportError as exc:
+        raise ExportError(f"build-engines exports with torch ({exc.name} is missing): "
+                          "pip install torch==2.13.0 && pip install 'sdrt[export]'") from None
+
+    model_dir = validate_model_dir(model)
+    if (out / MANIFEST_NAME).is_file():
+        manifest = load_manifest(out)
+        reason = None
+        have, want = (manifest.sizes.min_size, manifest.sizes.max_size, manifest.sizes.max_batch), \
+            (sizes.min_size, sizes.max_size, sizes.max_batch)
+        if have != want:  # the opt size only shapes engine profiles, the ONNX does not depend on it
+            reason = "its sizes {}..{} x{} differ from {}..{} x{}".format(*have, *want)
+        elif manifest.data.get("precision", "fp32") != precision:
+            reason = f"it holds {manifest.data.get('precision', 'fp32')} ONNX, {precision} was asked for"
+        elif manifest.data.get("source", {}).get("sha256") != hash_folder(model_dir):
+            reason = f"it was exported from another version of {model_dir}"
+        if reason is None:
+            return None
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out} exists and is not an sdrt ENGINE_DIR (no {MANIFEST_NAME}); "
+                                "choose another --out or remove it")
+    else:
+        reason = "it has no ONNX export yet"
+    kwargs = {}
+    if "precision" in inspect.signature(export_model).parameters:
+        kwargs["precision"] = precision
+    elif precision != "fp32":
+        raise InputError(f"this sdrt's exporter writes fp32 ONNX only; --precision {precision} is not available")
+    log.info("exporting %s to %s first: %s", model_dir, out, reason)
+    cache = out / "tensorrt" / TIMING_CACHE
+    kept = cache.read_bytes() if cache.is_file() else None  # tuning results outlive a re-export
+    export_model(model_dir, out, sizes=sizes, force=True, progress=progress, **kwargs)
+    if kept:
+        cache.parent.mkdir(exist_ok=True)
+        write_bytes_atomic(cache, kept)
+    return reason
+
+
+def _write_all(handle, data) -> None:
+    handle.write(memoryview(data))
+
+
+def write_bytes_atomic(path: Path, data) -> None:
+    """Write a buffer to a temp file beside ``path``, fsync it and rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            _write_all(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _wanted(manifest: Manifest, backend: str, spec: ComponentSpec, profile: dict, common: dict) -> dict:
+    """The record fields that decide whether an existing engine can be kept."""
+    wanted = {**common, "onnx_sha256": manifest.onnx_digest(spec.name)}
+    if backend in TRT_BACKENDS:
+        wanted["profile"] = profile
+    return wanted
+
+
+def _is_current(manifest: Manifest, backend: str, name: str, wanted: dict) -> bool:
+    record = manifest.engines(backend).get("components", {}).get(name) or {}
+    if any(record.get(key) != value for key, value in wanted.items()):
+        return False
+    try:
+        manifest.verified_engine(backend, name)
+    except ArtifactError:
+        return False
+    return True
+
+
+def _save_record(out: Path, backend: str, section: dict, name: str, record: dict) -> None:
+    """Re-read the manifest and add one engine record to it (atomically)."""
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    engines = data.setdefault(ENGINES_KEY, {})
+    current = engines.get(backend) or {}
+    engines[backend] = {**section, "components": {**current.get("components", {}), name: record}}
+    write_json_atomic(out / MANIFEST_NAME, data)
+
+
+def _build_trt(backend, trt, manifest, spec, profile, options, cache_path: Path | None) -> tuple:
+    onnx_path = manifest.verified_path(spec.name)
+    cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else None
+    serialized, fields, new_cache = trt_builder.build_engine(backend, trt, onnx_path, spec, profile, options, cache)
+    relpath = f"{backend}/{spec.name}.engine"
+    if backend == "tensorrt-rtx":  # written by the runtime: what TensorRT-RTX compiles on the GPU
+        fields["runtime_cache"] = f"{backend}/{spec.name}.{RUNTIME_CACHE}"
+    write_bytes_atomic(manifest.root / relpath, serialized)
+    del serialized
+    if cache_path and new_cache and new_cache != cache:
+        write_bytes_atomic(cache_path, new_cache)
+    return [relpath], fields
+
+
+def _build_ort(backend, settings, manifest, spec, folder: Path) -> tuple:
+    from sdrt_export import ort_optimize
+
+    onnx_path = manifest.verified_path(spec.name)
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=folder))
+    try:
+        names = ort_optimize.optimize(onnx_path, work, spec.name, settings,
+                                      external=len(manifest.component(spec.name)["files"]) > 1)
+        for name in reversed(names):  # external data first, the graph that points at it last
+            os.replace(work / name, folder / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [f"{backend}/{name}" for name in names], {}
+
+
+def build_engines(model, out, backend: str, sizes: SizeRange | None = None, static=None, builder_level: int = 3,
+                  workspace_gb: float | None = None, precision: str = "fp32", gpu_targets: str | None = None,
+                  force: bool = False, progress: bool = True) -> dict:
+    """Build (or reuse) ``backend`` engines for every component of ENGINE_DIR ``out``; return a summary."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    if backend not in BUILD_BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; build-engines knows {', '.join(BUILD_BACKENDS)}")
+    if not 0 <= builder_level <= 5:
+        raise InputError(f"builder-level must be 0..5, got {builder_level}")
+    if workspace_gb is not None and not workspace_gb > 0:
+        raise InputError(f"workspace must be a positive number of GB, got {workspace_gb}")
+    out = Path(out).expanduser().absolute()
+    if sizes is None:  # the artifact's own range, or the defaults for a new export
+        sizes = load_manifest(out).sizes if (out / MANIFEST_NAME).is_file() else SizeRange()
+    static = parse_static(static, sizes)
+    model_dir = Path(model).expanduser().absolute()
+    trt, options, common = _flavour(backend, builder_level, workspace_gb, gpu_targets)
+    command = build_command(model_dir, out, backend, sizes, static, options, precision)
+    exported = ensure_onnx(model_dir, out, sizes, precision, progress)
+    manifest = load_manifest(out)
+    specs = [spec for spec in manifest.specs if manifest.has(spec.name)]
+    profiles = {spec.name: profile_for(spec, sizes, static) for spec in specs}
+    wanted = {spec.name: _wanted(manifest, backend, spec, profiles[spec.name], common) for spec in specs}
+    todo = [s for s in specs if force or not _is_current(manifest, backend, s.name, wanted[s.name])]
+    label = LABELS.get(backend, backend)
+    if not todo:
+        message = f"{label} engines in {out} are up to date ({len(specs)} cached); nothing to build"
+        log.info(message)
+        return _summary(out, backend, common, [], [s.name for s in specs], exported, {}, start, message)
+
+    folder = out / backend
+    section = {"command": command, **{k: common[k] for k in ("flavour", "version")}}
+    cache_path = None
+    if backend == "tensorrt":
+        cache_path = folder / TIMING_CACHE
+        section["timing_cache"] = f"{backend}/{TIMING_CACHE}"
+    built, bar = {}, tqdm(todo, desc=f"build {backend}", unit="engine", disable=not progress, leave=False)
+    try:
+        folder.mkdir(exist_ok=True)
+        for spec in bar:  # one at a time: only one network and builder are alive at once
+            bar.set_postfix_str(spec.name)
+            began = time.perf_counter()
+            if trt is not None:
+                files, fields = _build_trt(backend, trt, manifest, spec, profiles[spec.name], options, cache_path)
+            else:
+                files, fields = _build_ort(backend, common, manifest, spec, folder)
+            seconds = round(time.perf_counter() - began, 2)
+            record = {**wanted[spec.name], **fields, "files": [file_record(out, f) for f in files],
+                      "precision": manifest.data.get("precision", "fp32"), "static": list(static) if static else None,
+                      "seconds": seconds}
+            _save_record(out, backend, section, spec.name, record)
+            built[spec.name] = {"seconds": seconds, "bytes": sum(r["size"] for r in record["files"])}
+            log.info("%s: built %s engine in %.1f s (%.1f MB)", spec.name, label, seconds,
+                     built[spec.name]["bytes"] / 1e6)
+            gc.collect()
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}{where}") from None
+    finally:
+        bar.close()
+    load_manifest(out)  # self-check: the runtime must accept what we wrote
+    cached = [s.name for s in specs if s.name not in built]
+    message = (f"built {len(built)} {label} engine(s) ({', '.join(built)}) in {out} in "
+               f"{time.perf_counter() - start:.1f} s" + (f"; {len(cached)} cached" if cached else ""))
+    log.info(message)
+    return _summary(out, backend, common, list(built), cached, exported, built, start, message)
+
+
+def _flavour(backend: str, builder_level: int, workspace_gb: float | None, gpu_targets: str | None) -> tuple:
+    """(TensorRT module or None, build options, the record fields every component shares)."""
+    if gpu_targets and backend != "tensorrt-rtx":
+        raise InputError("--gpu-targets is for --backend tensorrt-rtx (tensorrt builds for this machine's GPU)")
+    if backend not in TRT_BACKENDS:
+        from sdrt_export import ort_optimize
+
+        return None, BuildOptions(builder_level, workspace_gb), ort_optimize.plan(backend)
+    gpu = _require_gpu() if backend == "tensorrt" else None
+    trt = trt_builder.import_flavour(backend)
+    targets = trt_builder.rtx_targets(trt, gpu_targets) if backend == "tensorrt-rtx" else ()
+    options = BuildOptions(builder_level, workspace_gb, targets)
+    where = {"compute_capability": gpu.compute_capability} if gpu else \
+        {"targets": list(targets) or trt_builder.DEFAULT_TARGETS}
+    return trt, options, {"flavour": trt.__name__, "version": trt.__version__, "options": options.to_dict(), **where}
+
+
+def _require_gpu():
+    from sdrt.backends.cuda import CudaError, gpu_info
+
+    try:
+        return gpu_info()
+    except CudaError as exc:
+        raise ExportError(f"backend tensorrt builds for this machine's GPU and there is none ({exc}); build "
+                          "ahead of time with --backend tensorrt-rtx, or run on a machine with an NVIDIA GPU") from None
+
+
+def _summary(out, backend, common, built, cached, exported, timings, start, message) -> dict:
+    return {"engine_dir": str(out), "backend": backend, "flavour": common.get("flavour"),
+            "version": common.get("version"), "built": built, "cached": cached, "exported": exported,
+            "components": timings, "total_seconds": round(time.perf_counter() - start, 2), "message": message}
