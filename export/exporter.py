@@ -25,10 +25,10 @@ import torch
 import sdrt
 from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, SdrtError
 from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manifest, sha256_file, write_json_atomic
-from sdrt.specs import COMPONENTS, ComponentSpec, SizeRange, build_specs
-from sdrt_export import graph
+from sdrt.specs import ComponentSpec, SizeRange, build_specs
+from sdrt_export import fp16, graph
 from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
-from sdrt_export.wrappers import SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
+from sdrt_export.wrappers import SDXL_PIPELINE, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
     unet_up_factor
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ DEFAULT_OPSET = 17  # LayerNormalization is native from 17; supported by ORT 1.3
 SUPPORTED_OPSETS = range(14, 21)  # 14: scaled_dot_product_attention; 20: newest the legacy exporter emits
 TOLERANCE = 1e-5  # relative L2 error, ONNX Runtime vs torch, fp32
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
 
@@ -68,6 +69,10 @@ def validate_model_dir(model) -> Path:
     missing = [f"{name}/" for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
     if missing:
         raise ModelError(f"{path} is not a Stable Diffusion pipeline (missing {', '.join(missing)})")
+    missing = [f"{name}/" for name in SDXL_SUBFOLDERS if class_name == SDXL_PIPELINE and not (path / name).is_dir()]
+    if missing:
+        raise ModelError(f"{path}: a {class_name} lacks {', '.join(missing)}; supported: SDXL folders with both "
+                         "text encoders and tokenizers")
     return path
 
 
@@ -94,8 +99,10 @@ def torch_export(module: torch.nn.Module, spec: ComponentSpec, arrays, path: Pat
                           dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True)
 
 
-def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: SizeRange, opset: int) -> dict:
+def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: SizeRange, opset: int,
+                     precision: str = "fp32") -> dict:
     start = time.perf_counter()
+    extra = {}
     rng = np.random.default_rng(0)
     up = unet_up_factor(model_dir)
     module = load_component(model_dir, spec.name)
@@ -110,11 +117,18 @@ def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: Si
             del module
             gc.collect()
             exported = time.perf_counter()
-            files = graph.clean_up(raw_dir / f"{spec.name}.onnx", work / f"{spec.name}.onnx")
+            if precision == "fp16":  # clean the fp32 graph, then convert it (see fp16.py)
+                clean = graph.clean_up(raw_dir / f"{spec.name}.onnx", raw_dir / "clean.onnx")
+                files, extra = fp16.convert(raw_dir / clean[0], work / f"{spec.name}.onnx",
+                                            fp16.islands_for(spec.name, model_dir))
+            else:
+                files = graph.clean_up(raw_dir / f"{spec.name}.onnx", work / f"{spec.name}.onnx")
+            graph.check_model(work / files[0])
+            # fp16: ORT CPU would hide fp16 overflow; check the emulated strongly typed graph instead
+            session = fp16.emulated_session(work / files[0], raw_dir) if precision == "fp16" \
+                else ort_session(work / files[0])
         finally:
             shutil.rmtree(raw_dir, ignore_errors=True)
-        graph.check_model(work / files[0])
-        session = ort_session(work / files[0])
         errors = []
         for arrays, want in zip(cases, references):
             got = session.run(spec.output_names, dict(zip(spec.input_names, arrays)))
@@ -126,21 +140,21 @@ def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: Si
         log.debug("%s export failed", spec.name, exc_info=True)
         raise ExportError(f"{spec.name}: export failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     gc.collect()
-    error = max(errors)
-    if not error <= TOLERANCE:
-        raise ExportError(f"{spec.name}: ONNX Runtime differs from torch, relative L2 error {error:.3g} > "
-                          f"{TOLERANCE:g} (shapes {check_points(sizes, spec)})")
+    error, tolerance = max(errors), fp16.FP16_TOLERANCE if precision == "fp16" else TOLERANCE
+    if not error <= tolerance:
+        raise ExportError(f"{spec.name}: ONNX Runtime ({precision}) differs from torch, relative L2 error "
+                          f"{error:.3g} > {tolerance:g} (shapes {check_points(sizes, spec)})")
     seconds = time.perf_counter() - start
     log.info("%s: exported and checked in %.1f s (export %.1f s), relative L2 error %.2e",
              spec.name, seconds, exported - start, error)
     return {"files": files, "seconds": round(seconds, 2), "check_error": error,
-            "check_shapes": check_points(sizes, spec)}
+            "check_shapes": check_points(sizes, spec), "extra": extra}
 
 
 # --- folder-level steps ------------------------------------------------------------------------------
 
-def copy_tokenizer(model_dir: Path, work: Path) -> list[dict]:
-    src, dst = model_dir / "tokenizer", work / "tokenizer"
+def copy_tokenizer(model_dir: Path, work: Path, name: str = "tokenizer") -> list[dict]:
+    src, dst = model_dir / name, work / name
     dst.mkdir()
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
@@ -188,8 +202,9 @@ def move_into_place(work: Path, out: Path) -> None:
 
 
 def export_model(model, out, sizes: SizeRange | None = None, opset: int | None = None, force: bool = False,
-                 progress: bool = True) -> dict:
-    """Export a diffusers SD pipeline folder to ENGINE_DIR ``out``; return a JSON-able summary."""
+                 progress: bool = True, precision: str = "fp32") -> dict:
+    """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
+    with fp32 islands); return a JSON-able summary."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -197,11 +212,14 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset not in SUPPORTED_OPSETS:
         raise InputError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]}")
+    if precision not in fp16.PRECISIONS:
+        raise InputError(f"precision {precision!r} is not supported; use {' or '.join(fp16.PRECISIONS)}")
     model_dir = validate_model_dir(model)
     dims = dims_from_model(model_dir)
     # everything the manifest needs from the model folder is read now, not after minutes of export
     scheduler = read_json(model_dir / "scheduler" / "scheduler_config.json")
     vae_config = read_json(model_dir / "vae" / "config.json")
+    index = read_json(model_dir / "model_index.json")
     tokenizer_dir = model_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file() and not all(
             (tokenizer_dir / name).is_file() for name in ("vocab.json", "merges.txt")):
@@ -221,11 +239,13 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         bar = tqdm(list(specs), desc="export", unit="component", disable=not progress, leave=False)
         for spec in bar:
             bar.set_postfix_str(spec.name)
-            result = export_component(model_dir, spec, work, sizes, opset)
+            result = export_component(model_dir, spec, work, sizes, opset, precision)
             components[spec.name] = result
             timings[spec.name] = result["seconds"]
         bar.close()
         tokenizer_files = copy_tokenizer(model_dir, work)
+        second = {"tokenizer_2": {"dir": "tokenizer_2", "files": copy_tokenizer(model_dir, work, "tokenizer_2")}} \
+            if dims.has_text_encoder_2 else {}
         hashed = time.perf_counter()
         source_sha = hash_folder(model_dir)
         timings["source_hash"] = round(time.perf_counter() - hashed, 2)
@@ -236,7 +256,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
             "source": {"path": str(model_dir.absolute()), "sha256": source_sha},
             "dims": dims.to_dict(),
             "sizes": sizes.to_dict(),
-            "precision": "fp32",
+            "precision": precision,
             "opset": opset,
             "exporter": EXPORTER,
             "versions": _versions(),
@@ -244,7 +264,8 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                 spec.name: {
                     "files": [file_record(work, name) for name in components[spec.name]["files"]],
                     "format": "onnx",
-                    "precision": "fp32",
+                    "precision": precision,
+                    **components[spec.name]["extra"],
                     "inputs": spec.input_names,
                     "outputs": spec.output_names,
                     "profile": spec.profile(sizes),
@@ -254,15 +275,20 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
             },
             "scheduler": scheduler,
             "tokenizer": {"dir": "tokenizer", "files": tokenizer_files},
+            **second,
+            "pipeline": {"class_name": index.get("_class_name"), "force_zeros_for_empty_prompt":
+                         dims.has_text_encoder_2 and bool(index.get("force_zeros_for_empty_prompt", True))},
+            # force_upcast: the SDXL pipelines run this VAE in fp32 (it overflows in fp16)
             "vae": {"scaling_factor": float(vae_config.get("scaling_factor") or 0.18215),
-                    "shift_factor": vae_config.get("shift_factor")},
+                    "shift_factor": vae_config.get("shift_factor"),
+                    "force_upcast": dims.has_text_encoder_2 and bool(vae_config.get("force_upcast", True))},
             "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
         }
         write_json_atomic(work / MANIFEST_NAME, manifest)
         _set_modes(work)
         loaded = load_manifest(work)  # self-check: the runtime must accept what we wrote
-        for name in COMPONENTS:
-            loaded.verified_path(name)
+        for spec in specs:
+            loaded.verified_path(spec.name)
         move_into_place(work, out)
         work = None
     except OSError as exc:
@@ -282,6 +308,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         "engine_dir": str(out),
         "model": str(model_dir),
         "family": dims.family,
+        "precision": precision,
         "opset": opset,
         "exporter": EXPORTER,
         "components": {

@@ -1,8 +1,9 @@
 """Write random-weight diffusers Stable Diffusion folders (``sdrt make-model``).
 
-Architectures are plain data in ``ARCHS``: one dict per family with the UNet, VAE and CLIP text
-encoder configs; a new family (SD2, SDXL, LCM) is one more entry. Weights are torch's default
-init under a fixed seed, saved with safetensors, so the same seed gives byte-identical files.
+Architectures are plain data in ``archs.ARCHS``: per arch the pipeline class, the UNet, VAE and CLIP
+text encoder configs, the scheduler and tokenizer configs; a new family is one more entry. Weights
+are torch's default init under a fixed seed (text_encoder_2: seed + 1), saved with safetensors, so
+the same seed gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -16,113 +17,11 @@ import tempfile
 from pathlib import Path
 
 from sdrt.errors import ExportError, InputError, OutputExistsError
+from sdrt_export.archs import ARCHS, TOKENIZER_CONFIG
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_DATA = Path(__file__).parent / "data" / "clip_tokenizer"
-
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-    "act_fn": "silu",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-}
-SD15_VAE = {
-    "sample_size": 512,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "act_fn": "silu",
-    "scaling_factor": 0.18215,
-}
-# CLIP ViT-L/14's text tower. bos/eos/pad ids as in SD1.5's config (eos 2 = pool at argmax id).
-SD15_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
-
-ARCHS: dict[str, dict] = {
-    "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT},
-    "tiny": {
-        "unet": {
-            **SD15_UNET,
-            "sample_size": 8,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [32, 64],
-            "cross_attention_dim": 32,
-            "attention_head_dim": 4,
-            "norm_num_groups": 8,
-        },
-        "vae": {
-            **SD15_VAE,
-            "sample_size": 64,
-            "block_out_channels": [32, 32, 64, 64],
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-        },
-        "text_encoder": {
-            **SD15_TEXT,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "projection_dim": 32,
-        },
-    },
-}
-
-# sd15 with a 9-channel UNet (latent + mask + masked-image latent), as SD1.5-inpainting
-ARCHS["tiny-inpaint"] = {**ARCHS["tiny"], "unet": {**ARCHS["tiny"]["unet"], "in_channels": 9},
-                         "pipeline": "StableDiffusionInpaintPipeline"}
-
-SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-TOKENIZER_CONFIG = {
-    "bos_token": "<|startoftext|>",
-    "do_lower_case": True,
-    "eos_token": "<|endoftext|>",
-    "model_max_length": 77,
-    "pad_token": "<|endoftext|>",
-    "tokenizer_class": "CLIPTokenizer",
-    "unk_token": "<|endoftext|>",
-}
-SPECIAL_TOKENS = {k: TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
 
 def make_model(out_dir, arch: str = "tiny", seed: int = 0, force: bool = False) -> Path:
@@ -176,25 +75,28 @@ def _replace(new: Path, out: Path) -> None:
 def _write_pipeline(root: Path, arch: dict, seed: int) -> None:
     import diffusers
 
-    _write_text_encoder(root / "text_encoder", arch["text_encoder"], seed)
+    pipeline, scheduler = arch["pipeline"], arch["scheduler"]
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None],
+             "scheduler": ["diffusers", scheduler["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    _write_text_encoder(root / "text_encoder", arch["text_encoder"], seed, "CLIPTextModel")
+    _write_tokenizer(root / "tokenizer")
+    _write_tokenizer_config(root / "tokenizer", arch["tokenizer"])
+    if "text_encoder_2" in arch:
+        _write_text_encoder(root / "text_encoder_2", arch["text_encoder_2"], seed + 1, "CLIPTextModelWithProjection")
+        _write_tokenizer(root / "tokenizer_2")
+        _write_tokenizer_config(root / "tokenizer_2", arch["tokenizer_2"])
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
+    else:
+        index.update(requires_safety_checker=False, safety_checker=[None, None])
     for name, cls in (("vae", diffusers.AutoencoderKL), ("unet", diffusers.UNet2DConditionModel)):
         _write_diffusers_model(root / name, cls, arch[name], seed)
-    _write_tokenizer(root / "tokenizer")
     _write_json(root / "scheduler" / "scheduler_config.json",
-                {**SCHEDULER, "_diffusers_version": diffusers.__version__})
-    _write_json(root / "model_index.json", {
-        "_class_name": arch.get("pipeline", "StableDiffusionPipeline"),
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", SCHEDULER["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    })
+                {**scheduler, "_diffusers_version": diffusers.__version__})
+    _write_json(root / "model_index.json", index)
 
 
 def _save_weights(module, path: Path) -> None:
@@ -219,12 +121,12 @@ def _write_diffusers_model(folder: Path, cls, config: dict, seed: int) -> None:
     gc.collect()
 
 
-def _write_text_encoder(folder: Path, config: dict, seed: int) -> None:
+def _write_text_encoder(folder: Path, config: dict, seed: int, class_name: str) -> None:
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    import transformers
 
     torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(**config, architectures=["CLIPTextModel"]))
+    model = getattr(transformers, class_name)(transformers.CLIPTextConfig(**config, architectures=[class_name]))
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     _save_weights(model, folder / "model.safetensors")
@@ -239,12 +141,18 @@ def _write_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(TOKENIZER_DATA / name, folder / name)
-    _write_json(folder / "tokenizer_config.json", TOKENIZER_CONFIG)
-    _write_json(folder / "special_tokens_map.json", SPECIAL_TOKENS)
+    _write_tokenizer_config(folder, TOKENIZER_CONFIG)
     with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
         # Loaded from a folder: transformers 5's CLIPTokenizer(vocab_file=, merges_file=) builds an empty vocab.
         CLIPTokenizer.from_pretrained(folder, local_files_only=True).save_pretrained(scratch)
         shutil.copyfile(Path(scratch) / "tokenizer.json", folder / "tokenizer.json")
+
+
+def _write_tokenizer_config(folder: Path, config: dict) -> None:
+    """The slow-tokenizer configs; the pad token is per family (SD1.x ``<|endoftext|>``, SD2 ``!``)."""
+    _write_json(folder / "tokenizer_config.json", config)
+    _write_json(folder / "special_tokens_map.json",
+                {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -6,6 +6,7 @@ image's max abs error and PSNR; ``failed`` is set past tolerance (the CLI then e
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from sdrt import schedulers
 from sdrt.errors import ModelError
 from sdrt.pipeline import Pipeline
-from sdrt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sdrt.specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +25,30 @@ IMAGE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 STAGE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # relative L2 per stage
 
 
-def load_reference(model_dir: str | Path, mode: str = "txt2img"):
-    """The matching diffusers pipeline, fp32 on the CPU, no safety checker."""
+AUTO_PIPELINES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
+                  "inpaint": "AutoPipelineForInpainting"}
+SD_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                "inpaint": "StableDiffusionInpaintPipeline"}
+
+
+def load_reference(model_dir: str | Path, mode: str = "txt2img", scheduler: str | None = None):
+    """The diffusers pipeline matching the model folder's model_index class and ``mode``, fp32 on the CPU,
+    no safety checker. An LCM folder run with another scheduler (or inpainting) gets the StableDiffusion
+    class for ``mode``, which also feeds ``timestep_cond``; LatentConsistencyModelPipeline only drives
+    LCMScheduler (it skips ``scale_model_input``)."""
     import diffusers
 
     _quiet_diffusers()
-    classes = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-               "inpaint": diffusers.StableDiffusionInpaintPipeline}
-    if not (Path(model_dir) / "model_index.json").is_file():
+    index_path = Path(model_dir) / "model_index.json"
+    if not index_path.is_file():
         raise ModelError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = classes[mode].from_pretrained(str(model_dir), torch_dtype=torch.float32, safety_checker=None,
-                                         requires_safety_checker=False)
+    class_name = json.loads(index_path.read_text()).get("_class_name", "")
+    lcm = class_name.startswith("LatentConsistencyModel")
+    other_scheduler = scheduler is not None and schedulers.resolve(scheduler)[0] != "LCMScheduler"
+    cls = getattr(diffusers, SD_PIPELINES[mode] if lcm and (other_scheduler or mode == "inpaint")
+                  else AUTO_PIPELINES[mode])
+    extra = {} if "XL" in class_name else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(str(model_dir), dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -83,23 +97,35 @@ def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def _unet_reference(pipe, feeds: dict) -> np.ndarray:
+    """diffusers' UNet on the engine's feeds (timestep_cond and SDXL's added_cond_kwargs where present)."""
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    added = {k: t.pop(k) for k in ("text_embeds", "time_ids") if k in t}
+    return pipe.unet(t.pop("sample"), t.pop("timestep"), t.pop("encoder_hidden_states"),
+                     added_cond_kwargs=added or None, **t).sample.numpy()
+
+
 def stage_errors(pipe, sdrt_pipe: Pipeline, width: int, height: int, seed: int) -> dict:
     """Relative L2 of each engine against its torch module on the same random inputs."""
     rng = np.random.default_rng(seed)
     dims = sdrt_pipe.dims
-    ids = sdrt_pipe.tokenizer(["a photo of a cat", "an astronaut riding a horse"])
+    prompts = ["a photo of a cat", "an astronaut riding a horse"]
     latent = rng.standard_normal((2, dims.latent_channels, height // 8, width // 8), dtype=np.float32)
-    sample = rng.standard_normal((2, dims.unet_in_channels, height // 8, width // 8), dtype=np.float32)
     pixels = rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
-    t = np.array([981.0, 981.0], dtype=np.float32)
+    feeds = {t.name: rng.standard_normal(t.shape(2, height, width), dtype=np.float32)
+             for t in sdrt_pipe.manifest.specs[UNET].inputs}
+    feeds["timestep"] = np.array([981.0, 981.0], dtype=np.float32)
     out = {}
     with torch.no_grad():
-        hidden = pipe.text_encoder(torch.from_numpy(ids).long())[0].numpy()
-        out["text_embeddings"] = rel_l2(sdrt_pipe.engine(TEXT_ENCODER)({"input_ids": ids})["last_hidden_state"],
-                                        hidden)
-        ref = pipe.unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(hidden)).sample.numpy()
-        got = sdrt_pipe.engine(UNET)({"sample": sample, "timestep": t, "encoder_hidden_states": hidden})
-        out["unet_step"] = rel_l2(got["out_sample"], ref)
+        encoders = ((TEXT_ENCODER, "text_embeddings"), (TEXT_ENCODER_2, "text_embeddings_2"))
+        for (name, label), tokenizer in zip(encoders, sdrt_pipe.conditioner.tokenizers):
+            ids = tokenizer(prompts)
+            ref = getattr(pipe, name)(torch.from_numpy(ids).long(), output_hidden_states=True)
+            got = sdrt_pipe.engine(name)({"input_ids": ids})
+            out[label] = max(
+                rel_l2(got[key], (ref.hidden_states[-2] if key == "hidden_states" else ref[key]).numpy())
+                for key in got if key != "pooler_output")
+        out["unet_step"] = rel_l2(sdrt_pipe.engine(UNET)(feeds)["out_sample"], _unet_reference(pipe, feeds))
         ref = pipe.vae.decode(torch.from_numpy(latent)).sample.numpy()
         out["vae_decode"] = rel_l2(sdrt_pipe.engine(VAE_DECODER)({"latent": latent})["images"], ref)
         if sdrt_pipe.manifest.has(VAE_ENCODER):
@@ -118,7 +144,7 @@ def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, heigh
     width, height = width or sizes.min_size, height or sizes.min_size
     result = sdrt_pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                                width=width, height=height, scheduler=scheduler)
-    pipe = load_reference(model_dir)
+    pipe = load_reference(model_dir, "txt2img", scheduler)
     use_scheduler(pipe, scheduler)
     expected = reference_images(pipe, "txt2img", prompt, negative_prompt=negative_prompt, steps=steps,
                                 guidance=guidance, seed=seed, width=width, height=height)

@@ -15,38 +15,46 @@ from pathlib import Path
 import torch
 
 from sdrt.errors import ModelError
-from sdrt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelDims
+from sdrt.specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, ModelDims, build_specs
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                       "LatentConsistencyModelPipeline", "StableDiffusionXLPipeline")
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 SUPPORTED_UNETS = ("UNet2DConditionModel",)
 SUPPORTED_VAES = ("AutoencoderKL",)
 SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel",)
+SUPPORTED_TEXT_ENCODERS_2 = ("CLIPTextModelWithProjection",)
 CLIP_EOS_ID = 49407
 
 
 class TextEncoderWrapper(torch.nn.Module):
-    """input_ids (int32) -> (last_hidden_state, pooler_output)."""
+    """input_ids (int32) -> the spec's outputs: last_hidden_state, pooler_output, text_embeds (projected,
+    CLIPTextModelWithProjection) and hidden_states (the penultimate layer, as SDXL's pipelines use)."""
 
-    def __init__(self, text_encoder):
+    def __init__(self, text_encoder, output_names):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.output_names = text_encoder, tuple(output_names)
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids=input_ids.to(torch.int64), return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        out = self.text_encoder(input_ids=input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        return tuple(out.hidden_states[-2] if name == "hidden_states" else out[name] for name in self.output_names)
 
 
 class UNetWrapper(torch.nn.Module):
-    """(sample, timestep (batch,) float32, encoder_hidden_states) -> out_sample."""
+    """(sample, timestep (batch,) float32, encoder_hidden_states[, timestep_cond][, text_embeds, time_ids])
+    -> out_sample; timestep_cond is LCM's guidance embedding, text_embeds/time_ids SDXL's added_cond_kwargs."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, input_names):
         super().__init__()
-        self.unet = unet
+        self.unet, self.input_names = unet, tuple(input_names)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        named = dict(zip(self.input_names[3:], extra))
+        added = {k: named.pop(k) for k in ("text_embeds", "time_ids") if k in named}
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         added_cond_kwargs=added or None, return_dict=False, **named)[0]
 
 
 class VaeDecoderWrapper(torch.nn.Module):
@@ -90,20 +98,42 @@ def _check_class(config: dict, path: Path, supported: tuple[str, ...]) -> None:
         raise ModelError(f"unsupported architecture {name} in {path}; supported: {', '.join(supported)}")
 
 
+def _text_config(path: Path, supported: tuple[str, ...]) -> dict:
+    config = read_json(path)
+    archs = config.get("architectures") or []
+    if archs and not set(archs) & set(supported):
+        raise ModelError(f"unsupported text encoder {archs[0]} in {path}; supported: {', '.join(supported)}")
+    return config
+
+
+def detect_family(pipeline: str, unet: dict, text: dict, scheduler: dict) -> str:
+    """sd15 | sd2 | sd-turbo | lcm | sdxl from model_index's class and the configs (no user flag)."""
+    if pipeline == SDXL_PIPELINE:
+        return "sdxl"
+    if unet.get("time_cond_proj_dim") or pipeline == "LatentConsistencyModelPipeline":
+        return "lcm"
+    if text.get("hidden_size") == 1024 or text.get("hidden_act") == "gelu":  # OpenCLIP-H (SD2.x)
+        return "sd-turbo" if scheduler.get("timestep_spacing") == "trailing" else "sd2"
+    return "sd15"
+
+
 def dims_from_model(model_dir: Path) -> ModelDims:
-    """ModelDims of an SD1.x/2.x-style pipeline folder, from the unet, vae and text_encoder configs."""
+    """ModelDims of an SD1.x/2.x/LCM/SDXL pipeline folder, from model_index and the component configs."""
     unet_path, vae_path = model_dir / "unet" / "config.json", model_dir / "vae" / "config.json"
-    text_path = model_dir / "text_encoder" / "config.json"
-    unet, vae, text = read_json(unet_path), read_json(vae_path), read_json(text_path)
+    unet, vae = read_json(unet_path), read_json(vae_path)
+    text = _text_config(model_dir / "text_encoder" / "config.json", SUPPORTED_TEXT_ENCODERS)
+    index_path, scheduler_path = model_dir / "model_index.json", model_dir / "scheduler" / "scheduler_config.json"
+    pipeline = read_json(index_path).get("_class_name") if index_path.is_file() else None
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     _check_class(unet, unet_path, SUPPORTED_UNETS)
     _check_class(vae, vae_path, SUPPORTED_VAES)
-    archs = text.get("architectures") or []
-    if archs and not set(archs) & set(SUPPORTED_TEXT_ENCODERS):
-        raise ModelError(f"unsupported text encoder {archs[0]} in {text_path}; supported: "
-                         f"{', '.join(SUPPORTED_TEXT_ENCODERS)}")
+    sdxl = pipeline == SDXL_PIPELINE
+    text_2 = _text_config(model_dir / "text_encoder_2" / "config.json", SUPPORTED_TEXT_ENCODERS_2) if sdxl else {}
     problems = []
-    if unet.get("addition_embed_type") or unet.get("class_embed_type") or unet.get("encoder_hid_dim_type"):
-        problems.append("UNet with extra conditioning (addition/class/encoder_hid embeddings, e.g. SDXL)")
+    if unet.get("class_embed_type") or unet.get("encoder_hid_dim_type") or (
+            unet.get("addition_embed_type") != ("text_time" if sdxl else None)):
+        problems.append("UNet with extra conditioning (addition/class/encoder_hid embeddings) outside an SDXL pipeline"
+                        if not sdxl else f"SDXL UNet addition_embed_type {unet.get('addition_embed_type')!r}")
     in_channels, latent_channels = unet.get("in_channels", 4), vae.get("latent_channels", 4)
     if in_channels not in (latent_channels, 2 * latent_channels + 1):
         problems.append(f"UNet in_channels {in_channels} (expected {latent_channels} or "
@@ -112,13 +142,24 @@ def dims_from_model(model_dir: Path) -> ModelDims:
         problems.append(f"UNet out_channels {unet.get('out_channels')} != VAE latent_channels {latent_channels}")
     cross = unet.get("cross_attention_dim", 1280)
     hidden = text.get("hidden_size", 512)
-    if isinstance(cross, (list, tuple)) or cross != hidden:
-        problems.append(f"UNet cross_attention_dim {cross} != text encoder hidden_size {hidden}")
+    hidden_2 = text_2.get("hidden_size", 0)
+    if isinstance(cross, (list, tuple)) or cross != hidden + hidden_2:
+        widths = f"{hidden} + {hidden_2}" if sdxl else f"{hidden}"
+        problems.append(f"UNet cross_attention_dim {cross} != text encoder hidden_size {widths}")
+    extra = {}
+    if sdxl:
+        extra = {"text_2_hidden_size": int(hidden_2), "text_embeds_dim": int(text_2.get("projection_dim", 512)),
+                 "time_ids_dim": 6}
+        expected = extra["text_embeds_dim"] + 6 * unet.get("addition_time_embed_dim", 256)
+        if unet.get("projection_class_embeddings_input_dim") != expected:
+            problems.append(f"UNet projection_class_embeddings_input_dim "
+                            f"{unet.get('projection_class_embeddings_input_dim')} != {expected}")
     if problems:
         raise ModelError(f"unsupported architecture in {model_dir}: {'; '.join(problems)}; supported: "
-                         "Stable Diffusion 1.x/2.x (UNet2DConditionModel + AutoencoderKL + CLIPTextModel)")
+                         "Stable Diffusion 1.x/2.x, LCM and SDXL (UNet2DConditionModel + AutoencoderKL + "
+                         "CLIPTextModel[+ CLIPTextModelWithProjection])")
     return ModelDims(
-        family="sd15",
+        family=detect_family(pipeline, unet, text, scheduler),
         latent_channels=int(latent_channels),
         unet_in_channels=int(in_channels),
         text_max_length=int(text.get("max_position_embeddings", 77)),
@@ -126,6 +167,8 @@ def dims_from_model(model_dir: Path) -> ModelDims:
         cross_attention_dim=int(cross),
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [64, 128, 256, 512])) - 1),
         image_channels=int(vae.get("in_channels", 3)),
+        time_cond_proj_dim=int(unet["time_cond_proj_dim"]) if unet.get("time_cond_proj_dim") else None,
+        **extra,
     )
 
 
@@ -136,18 +179,20 @@ def unet_up_factor(model_dir: Path) -> int:
 
 
 def load_component(model_dir: Path, name: str) -> torch.nn.Module:
-    """The fp32, eval-mode torch wrapper of one component."""
+    """The fp32, eval-mode torch wrapper of one component, with its spec's inputs and outputs."""
+    spec = build_specs(dims_from_model(model_dir))[name]
     try:
-        if name == TEXT_ENCODER:
-            from transformers import CLIPTextModel
+        if name in (TEXT_ENCODER, TEXT_ENCODER_2):
+            import transformers
 
-            module = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32,
-                                                   attn_implementation="eager")
-            wrapper = TextEncoderWrapper(module)
+            cls = transformers.CLIPTextModel if name == TEXT_ENCODER else transformers.CLIPTextModelWithProjection
+            module = cls.from_pretrained(model_dir / name, torch_dtype=torch.float32, attn_implementation="eager")
+            wrapper = TextEncoderWrapper(module, spec.output_names)
         elif name == UNET:
             from diffusers import UNet2DConditionModel
 
-            wrapper = UNetWrapper(UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32))
+            unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32)
+            wrapper = UNetWrapper(unet, spec.input_names)
         elif name in (VAE_DECODER, VAE_ENCODER):
             from diffusers import AutoencoderKL
 

@@ -41,7 +41,24 @@ def cmd_make_model(args) -> dict:
 
 def cmd_export(args) -> dict:
     return _export_module("exporter").export_model(
-        args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json
+        args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json,
+        precision=args.precision,
+    )
+
+
+def cmd_build_engines(args) -> dict:
+    from sdrt.specs import SizeRange
+
+    sizes = None  # the artifact's own sizes (SizeRange's defaults for a new export)
+    if any(getattr(args, k) is not None for k in ("min_size", "opt_size", "max_size", "max_batch")):
+        for key in ("min_size", "max_size", "max_batch"):
+            if getattr(args, key) is None:
+                setattr(args, key, getattr(SizeRange, key))
+        sizes = _sizes(args)
+    return _export_module("build_engines").build_engines(
+        args.model, args.out, args.backend, sizes=sizes, static=args.static, builder_level=args.builder_level,
+        workspace_gb=args.workspace, precision=args.precision, gpu_targets=args.gpu_targets, force=args.force,
+        progress=not args.json,
     )
 
 
@@ -57,6 +74,12 @@ def cmd_generate(args) -> dict:
     from sdrt import generate_cli
 
     return generate_cli.run(args)
+
+
+def cmd_bench(args) -> dict:
+    from sdrt import bench
+
+    return bench.cmd_bench(args)
 
 
 def _add_size_range(p: argparse.ArgumentParser) -> None:
@@ -83,9 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ENGINE_DIR to create")
     _add_size_range(p)
     p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16: mixed precision with fp32 islands (see export/fp16.py); I/O stays float32")
     p.add_argument("--force", action="store_true", help="replace an existing ENGINE_DIR")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engines", help="build TensorRT engines (or ORT-optimized graphs) into an ENGINE_DIR")
+    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder (exported first if needed)")
+    p.add_argument("--out", required=True, help="ENGINE_DIR (created or updated)")
+    p.add_argument("--backend", required=True, choices=("tensorrt", "tensorrt-rtx", "ort-cpu", "ort-cuda"))
+    for flag, what in (("--min-size", "smallest image side [256]"), ("--opt-size", "side TensorRT tunes for [512]"),
+                       ("--max-size", "largest image side [1024]"), ("--max-batch", "most images per prompt [4]")):
+        p.add_argument(flag, type=int, default=None, help=f"{what}; default: the existing artifact's")
+    p.add_argument("--static", metavar="WxH", default=None, help="fix width and height (min=opt=max; batch stays)")
+    p.add_argument("--builder-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GB")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="precision of the ONNX export")
+    p.add_argument("--gpu-targets", default=None, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89")
+    p.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_build_engines)
 
     for mode in ("txt2img", "img2img", "inpaint"):
         p = sub.add_parser(mode, help=f"{mode} from an ENGINE_DIR (no torch needed)")
@@ -120,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="a photo of a cat")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="per-stage latency, cold start and peak RSS (optionally against diffusers)")
+    p.add_argument("--engines", required=True, help="ENGINE_DIR written by `sdrt export`")
+    p.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--scheduler", default=None, help="default: the model's own")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--mode", default="txt2img", help="txt2img or img2img (adds the VAE encoder)")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img strength")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per system and point")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per system and point before them")
+    p.add_argument("--threads", type=int, default=None, help="threads for every system (default: usable cores)")
+    p.add_argument("--compare-diffusers", metavar="MODEL_DIR", default=None,
+                   help="also run the diffusers pipeline from this folder, alternating runs (needs torch)")
+    p.add_argument("--sweep", action="store_true", help="resolutions 256/384/512 x batch 1/2/4 (within the artifact)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", default=None, help="write every measured field here")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="latency vs resolution plot (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -10,15 +10,17 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt.errors import ArtifactError
-from sdrt.specs import COMPONENTS, ModelDims, ModelSpecs, SizeRange, build_specs
+from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS, ModelDims, ModelSpecs, SizeRange, build_specs
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+ENGINES_KEY = "engines"  # optional: {backend: {"command": ..., "components": {name: record}}}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -42,6 +44,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.write("\n")
+        if path.exists():  # mkstemp makes 0600; keep the mode of the file being replaced
+            os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,6 +89,17 @@ class Manifest:
     def tokenizer_dir(self) -> Path:
         return self.root / self.data["tokenizer"]["dir"]
 
+    @property
+    def tokenizer_2_dir(self) -> Path | None:
+        """SDXL's second tokenizer (pads with its own token), None for one-encoder models."""
+        section = self.data.get("tokenizer_2")
+        return self.root / section["dir"] if section else None
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """diffusers' SDXL rule: no negative prompt means zero negative embeddings, not encoded ""."""
+        return bool(self.data.get("pipeline", {}).get("force_zeros_for_empty_prompt", False))
+
     def has(self, component: str) -> bool:
         return component in self.data["components"]
 
@@ -101,15 +116,48 @@ class Manifest:
             self.check_file(record)
         return self.root / entry["files"][0]["path"]
 
-    def check_file(self, record: dict) -> None:
+    def check_file(self, record: dict, fix: str | None = None) -> None:
         path = self.root / record["path"]
         if not path.is_file():
-            raise ArtifactError(f"{path} is missing; re-run `sdrt export` to rebuild {self.root}")
+            raise ArtifactError(f"{path} is missing; {fix or f're-run `sdrt export` to rebuild {self.root}'}")
         if path.stat().st_size != record["size"] or sha256_file(path) != record["sha256"]:
             raise ArtifactError(
                 f"{path} does not match its sha256 in {MANIFEST_NAME} (modified or corrupt); "
-                f"re-run `sdrt export --force` to rebuild {self.root}"
+                f"{fix or f're-run `sdrt export --force` to rebuild {self.root}'}"
             )
+
+    def onnx_digest(self, name: str) -> str:
+        """One sha256 for a component's ONNX files (its own when it has one file)."""
+        files = self.component(name)["files"]
+        if len(files) == 1:
+            return files[0]["sha256"]
+        return hashlib.sha256("".join(f"{r['path']}\0{r['sha256']}\n" for r in files).encode()).hexdigest()
+
+    def engines(self, backend: str) -> dict:
+        """The ``engines`` section for one backend (``{}`` when none was built)."""
+        return self.data.get(ENGINES_KEY, {}).get(backend) or {}
+
+    def rebuild_command(self, backend: str) -> str:
+        """The ``sdrt build-engines`` command that (re)builds this backend's engines."""
+        recorded = self.engines(backend).get("command")
+        if recorded:
+            return recorded
+        source = self.data.get("source", {}).get("path", "MODEL_DIR")
+        return shlex.join(["sdrt", "build-engines", "--model", source, "--out", str(self.root), "--backend", backend])
+
+    def verified_engine(self, backend: str, name: str) -> tuple[Path, dict]:
+        """A component's engine file and record, after checking that the record exists, was built from
+        this artifact's ONNX and that every file matches its sha256. Nothing is deserialized here."""
+        fix = f"rebuild with `{self.rebuild_command(backend)}`"
+        record = self.engines(backend).get("components", {}).get(name)
+        if not record:
+            raise ArtifactError(f"{self.root} has no {backend} engine for {name}; build it with "
+                                f"`{self.rebuild_command(backend)}`")
+        if record.get("onnx_sha256") != self.onnx_digest(name):
+            raise ArtifactError(f"the {backend} {name} engine in {self.root} was built from another ONNX file; {fix}")
+        for file in record["files"]:
+            self.check_file(file, fix)
+        return self.root / record["files"][0]["path"], record
 
 
 _REQUIRED = ("format_version", "family", "dims", "sizes", "components", "scheduler", "tokenizer", "vae")
@@ -155,13 +203,14 @@ def _section(data: dict, key: str) -> dict:
 def _validate(data: dict) -> None:
     """Types of everything the runtime reads later, so a bad manifest fails here and not mid-generation."""
     for key, value in _section(data, "dims").items():
-        if key in ModelDims.__dataclass_fields__ and key != "family" and (
+        if key in ModelDims.__dataclass_fields__ and key != "family" and value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"dims.{key} must be a positive integer, got {value!r}")
     _section(data, "sizes")
     _section(data, "scheduler")
-    if not isinstance(_section(data, "tokenizer").get("dir"), str):
-        raise ValueError("tokenizer has no dir")
+    for key in ("tokenizer", "tokenizer_2"):
+        if (key in data or key == "tokenizer") and not isinstance(_section(data, key).get("dir"), str):
+            raise ValueError(f"{key} has no dir")
     vae = _section(data, "vae")
     for key in ("scaling_factor", "shift_factor"):
         value = vae.get(key)
@@ -169,7 +218,7 @@ def _validate(data: dict) -> None:
                 not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
             raise ValueError(f"vae.{key} must be a finite number, got {value!r}")
     for name, entry in _section(data, "components").items():
-        if name not in COMPONENTS or not isinstance(entry, dict) or not entry.get("files") \
+        if name not in COMPONENTS + OPTIONAL_COMPONENTS or not isinstance(entry, dict) or not entry.get("files") \
                 or not isinstance(entry["files"], list):
             raise ValueError(f"bad component entry {name!r}")
         for record in entry["files"]:
@@ -181,3 +230,25 @@ def _validate(data: dict) -> None:
             if not isinstance(record["sha256"], str):
                 raise ValueError(f"component {name} file {relpath} has no sha256")
             int(record["size"])
+    _validate_engines(data.get(ENGINES_KEY, {}))
+
+
+def _validate_engines(engines) -> None:
+    """The optional ``engines`` section: every engine file record lies inside the artifact and has a sha256."""
+    if not isinstance(engines, dict):
+        raise TypeError(f"{ENGINES_KEY} is not a JSON object")
+    for backend, section in engines.items():
+        components = section.get("components") if isinstance(section, dict) else None
+        if not isinstance(components, dict):
+            raise ValueError(f"{ENGINES_KEY}.{backend} has no components object")
+        for name, record in components.items():
+            files = record.get("files") if isinstance(record, dict) else None
+            if not files or not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+                raise ValueError(f"{backend} engine {name} has no file list")
+            for file in files:
+                relpath = file["path"]
+                if not isinstance(relpath, str) or Path(relpath).is_absolute() or ".." in Path(relpath).parts:
+                    raise ValueError(f"{backend} engine {name} path {relpath!r} is not inside the artifact")
+                if not isinstance(file["sha256"], str):
+                    raise ValueError(f"{backend} engine {name} file {relpath} has no sha256")
+                int(file["size"])

@@ -2,7 +2,10 @@
 
 Mirrors ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and
 ``StableDiffusionInpaintPipeline`` step for step, including the order of random draws, so a seed
-gives the same image as diffusers with ``torch.Generator("cpu").manual_seed(seed)``.
+gives the same image as diffusers with ``torch.Generator("cpu").manual_seed(seed)``. The same loop
+serves SD2.x/SD-Turbo (as those classes), LCM (``LatentConsistencyModelPipeline``: guidance through
+``timestep_cond``, no CFG) and SDXL txt2img/img2img (``StableDiffusionXL{,Img2Img}Pipeline``); the
+differences live in ``conditioning.py``, keyed on the model's dims.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import numpy as np
 
 from sdrt import schedulers
 from sdrt.backends import open_engine
+from sdrt.conditioning import TextConditioner, uses_text_cfg
 from sdrt.errors import Cancelled, InputError, NumericsError
 from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
 from sdrt.manifest import load_manifest
 from sdrt.rng import TorchGenerator, random_seed
-from sdrt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sdrt.specs import UNET, VAE_DECODER, VAE_ENCODER
 from sdrt.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -81,12 +85,18 @@ class Pipeline:
     def __init__(self, engine_dir: str | os.PathLike, backend: str = "ort-cpu", threads: int | None = None):
         start = time.perf_counter()
         self.manifest = load_manifest(engine_dir)
-        for record in self.manifest.data["tokenizer"].get("files", []):
-            self.manifest.check_file(record)
+        for section in ("tokenizer", "tokenizer_2"):
+            for record in self.manifest.data.get(section, {}).get("files", []):
+                self.manifest.check_file(record)
         self.tokenizer = ClipTokenizer.from_dir(self.manifest.tokenizer_dir)
+        tokenizers = [self.tokenizer]
+        if self.manifest.tokenizer_2_dir is not None:
+            tokenizers.append(ClipTokenizer.from_dir(self.manifest.tokenizer_2_dir))
         self.backend, self.threads = backend, threads
         self._engines: dict = {}
         self.dims = self.manifest.dims
+        self.conditioner = TextConditioner(self.dims, tokenizers, self.engine,
+                                           self.manifest.force_zeros_for_empty_prompt)
         self.load_seconds = time.perf_counter() - start
 
     def engine(self, name: str):
@@ -116,6 +126,8 @@ class Pipeline:
             raise InputError(f"batch must be an integer >= 1, got {batch!r}")
         if mode != "txt2img" and not (isinstance(strength, (int, float, np.floating)) and 0 < strength <= 1):
             raise InputError(f"strength must be in (0, 1], got {strength!r}")
+        if mode == "inpaint" and self.dims.has_text_encoder_2:
+            raise InputError("inpaint is not supported for SDXL models yet (txt2img and img2img are)")
         image, mask = self._inputs(mode, image, mask)
         scale = self.dims.vae_scale_factor
         default_w, default_h = (image.width - image.width % scale, image.height - image.height % scale) if image \
@@ -126,9 +138,9 @@ class Pipeline:
         sched = schedulers.from_config(m.scheduler_config, scheduler)
         seed = random_seed() if seed is None else seed
         generator = TorchGenerator(seed)
-        cfg = uses_cfg(guidance)
+        cfg = uses_text_cfg(self.dims, uses_cfg(guidance))
 
-        embeddings = self._encode_prompt(prompt, negative_prompt, batch, cfg, timings)
+        conditioning = self.conditioner(prompt, negative_prompt, batch, cfg, width, height, guidance, timings)
         sched.set_timesteps(steps)
         timesteps, start = sched.timesteps, 0
         if mode != "txt2img":
@@ -153,11 +165,13 @@ class Pipeline:
                 if mode == "inpaint" and self.dims.unet_in_channels == 9:
                     model_input = np.concatenate([model_input, extra["mask"], extra["masked_latents"]], axis=1)
                 feeds = {"sample": model_input, "timestep": np.full(model_input.shape[0], t, np.float32),
-                         "encoder_hidden_states": embeddings}
+                         **conditioning}
                 with timings("unet"):
                     noise_pred = self.engine(UNET)(feeds)["out_sample"]
                 if cfg:
                     noise_pred = guide(noise_pred, guidance)
+                # LCMScheduler's last step returns its denoised x0 as prev_sample, so decoding the final
+                # latents equals LatentConsistencyModelPipeline decoding ``denoised``
                 latents = sched.step(noise_pred, t, latents, generator=generator).prev_sample
                 if mode == "inpaint" and self.dims.unet_in_channels == 4:
                     latents = self._blend(latents, extra, timesteps, i, sched)
@@ -184,16 +198,6 @@ class Pipeline:
             mask = mask if hasattr(mask, "convert") else load_image(mask, "mask")
             check_same_size(image, mask)
         return image, mask
-
-    def _encode_prompt(self, prompt, negative_prompt, batch, cfg, timings) -> np.ndarray:
-        """[uncond x batch; cond x batch] text embeddings (cond only without CFG), one encoder call."""
-        prompts = [negative_prompt or "", prompt] if cfg else [prompt]
-        with timings("tokenize"):
-            ids = self.tokenizer(prompts)
-        with timings("text_encoder"):
-            hidden = self.engine(TEXT_ENCODER)({"input_ids": ids})["last_hidden_state"]
-        _check_finite(hidden, "text embeddings")
-        return np.repeat(hidden, batch, axis=0)
 
     def _encode_image(self, pixels, generator, timings) -> np.ndarray:
         """VAE encode and sample the posterior with the runtime's RNG (diffusers' latent_dist.sample)."""

@@ -21,7 +21,9 @@ LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
 DYNAMIC_AXES = (BATCH, HEIGHT, WIDTH, LATENT_HEIGHT, LATENT_WIDTH)
 
 TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER = "text_encoder", "unet", "vae_decoder", "vae_encoder"
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+TEXT_ENCODER_2 = "text_encoder_2"
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)  # every model has these
+OPTIONAL_COMPONENTS = (TEXT_ENCODER_2,)  # SDXL's second text encoder
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,16 @@ class ModelDims:
     cross_attention_dim: int = 768
     vae_scale_factor: int = 8
     image_channels: int = 3
+    # Optional conditioning; None for families without it.
+    time_cond_proj_dim: int | None = None  # LCM: width of the UNet's guidance embedding (timestep_cond)
+    text_2_hidden_size: int | None = None  # SDXL: width of text_encoder_2 (CLIPTextModelWithProjection)
+    text_embeds_dim: int | None = None  # SDXL: its pooled, projected output (UNet text_embeds)
+    time_ids_dim: int | None = None  # SDXL: micro-conditioning numbers (UNet time_ids): 6
+
+    @property
+    def has_text_encoder_2(self) -> bool:
+        """SDXL layout: two text encoders, penultimate hidden states, pooled embeds and time ids."""
+        return self.text_2_hidden_size is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,27 +169,37 @@ class ModelSpecs:
         return iter(self.components.values())
 
 
+def _text_encoders(dims: ModelDims, s: int) -> list[ComponentSpec]:
+    """CLIPTextModel (+ SDXL's CLIPTextModelWithProjection); ``hidden_states`` is the penultimate layer."""
+    n = dims.text_max_length
+    outputs = [TensorSpec("last_hidden_state", "float32", (BATCH, n, dims.text_hidden_size)),
+               TensorSpec("pooler_output", "float32", (BATCH, dims.text_hidden_size))]
+    if not dims.has_text_encoder_2:
+        return [ComponentSpec(TEXT_ENCODER, (TensorSpec("input_ids", "int32", (BATCH, n)),), tuple(outputs),
+                              batch_factor=2, scale=s)]
+    outputs.append(TensorSpec("hidden_states", "float32", (BATCH, n, dims.text_hidden_size)))
+    second = (TensorSpec("hidden_states", "float32", (BATCH, n, dims.text_2_hidden_size)),
+              TensorSpec("text_embeds", "float32", (BATCH, dims.text_embeds_dim)))
+    return [ComponentSpec(name, (TensorSpec("input_ids", "int32", (BATCH, n)),), outs, batch_factor=2, scale=s)
+            for name, outs in ((TEXT_ENCODER, tuple(outputs)), (TEXT_ENCODER_2, second))]
+
+
 def build_specs(dims: ModelDims) -> ModelSpecs:
     """Build every component spec from the model's dimensions."""
     s = dims.vae_scale_factor
-    text = ComponentSpec(
-        TEXT_ENCODER,
-        inputs=(TensorSpec("input_ids", "int32", (BATCH, dims.text_max_length)),),
-        outputs=(
-            TensorSpec("last_hidden_state", "float32", (BATCH, dims.text_max_length, dims.text_hidden_size)),
-            TensorSpec("pooler_output", "float32", (BATCH, dims.text_hidden_size)),
-        ),
-        batch_factor=2,
-        scale=s,
-    )
+    unet_inputs = [
+        TensorSpec("sample", "float32", (BATCH, dims.unet_in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+        TensorSpec("timestep", "float32", (BATCH,)),
+        TensorSpec("encoder_hidden_states", "float32", (BATCH, dims.text_max_length, dims.cross_attention_dim)),
+    ]
+    if dims.time_cond_proj_dim:
+        unet_inputs.append(TensorSpec("timestep_cond", "float32", (BATCH, dims.time_cond_proj_dim)))
+    if dims.has_text_encoder_2:
+        unet_inputs += [TensorSpec("text_embeds", "float32", (BATCH, dims.text_embeds_dim)),
+                        TensorSpec("time_ids", "float32", (BATCH, dims.time_ids_dim))]
     unet = ComponentSpec(
         UNET,
-        inputs=(
-            TensorSpec("sample", "float32", (BATCH, dims.unet_in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
-            TensorSpec("timestep", "float32", (BATCH,)),
-            TensorSpec("encoder_hidden_states", "float32",
-                       (BATCH, dims.text_max_length, dims.cross_attention_dim)),
-        ),
+        inputs=tuple(unet_inputs),
         outputs=(TensorSpec("out_sample", "float32", (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
         batch_factor=2,
         scale=s,
@@ -197,4 +219,4 @@ def build_specs(dims: ModelDims) -> ModelSpecs:
         ),
         scale=s,
     )
-    return ModelSpecs(dims, {c.name: c for c in (text, unet, decoder, encoder)})
+    return ModelSpecs(dims, {c.name: c for c in (*_text_encoders(dims, s), unet, decoder, encoder)})

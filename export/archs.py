@@ -1,0 +1,154 @@
+"""Architectures for ``sdrt make-model`` as plain data: component configs, scheduler, tokenizers, pipeline.
+
+Each entry of ``ARCHS`` names the diffusers pipeline class, the UNet / VAE / CLIP text encoder(s)
+configs, the scheduler config and the tokenizer config(s), as the real model folders store them
+(SD1.5, stabilityai/stable-diffusion-2-1{,-base}, sd-turbo, LCM_Dreamshaper_v7, SDXL base 1.0).
+The ``tiny-*`` entries keep each family's structure at test size.
+"""
+
+from __future__ import annotations
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+SD15_VAE = {
+    "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "scaling_factor": 0.18215,
+}
+# CLIP ViT-L/14's text tower. bos/eos/pad ids as in SD1.5's config (eos 2 = pool at argmax id).
+SD15_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+# OpenCLIP ViT-H/14's text tower as diffusers stores it for SD2: GELU, the last of 24 layers cut.
+SD2_TEXT = {**SD15_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+            "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512}
+SD2_UNET = {**SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True, "upcast_attention": True}
+# OpenCLIP ViT-bigG/14 (SDXL's text_encoder_2, CLIPTextModelWithProjection)
+SDXL_TEXT_2 = {**SD15_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+               "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}
+SDXL_UNET = {
+    **SD15_UNET,
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 pooled + 6 time ids x 256
+}
+
+TINY_UNET = {**SD15_UNET, "sample_size": 8, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [32, 64],
+             "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8}
+TINY_VAE = {**SD15_VAE, "sample_size": 64, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1,
+            "norm_num_groups": 8}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "projection_dim": 32}
+TINY_SD2_UNET = {**TINY_UNET, "attention_head_dim": [2, 4], "use_linear_projection": True, "upcast_attention": True}
+
+_SCHEDULER_BASE = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SCHEDULER = {"_class_name": "PNDMScheduler", **_SCHEDULER_BASE}  # SD1.5
+SD2_SCHEDULER = {"_class_name": "DDIMScheduler", **_SCHEDULER_BASE, "prediction_type": "v_prediction"}  # 2-1 (768-v)
+SD2_BASE_SCHEDULER = {"_class_name": "PNDMScheduler", **_SCHEDULER_BASE, "prediction_type": "epsilon"}  # 2-1-base
+TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", **_SCHEDULER_BASE,
+                   "prediction_type": "epsilon", "timestep_spacing": "trailing"}
+LCM_SCHEDULER = {"_class_name": "LCMScheduler", **{k: v for k, v in _SCHEDULER_BASE.items() if k != "skip_prk_steps"},
+                 "set_alpha_to_one": True, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
+                 "original_inference_steps": 50, "prediction_type": "epsilon", "timestep_scaling": 10.0,
+                 "timestep_spacing": "leading"}
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **_SCHEDULER_BASE, "prediction_type": "epsilon",
+                  "interpolation_type": "linear", "timestep_spacing": "leading", "use_karras_sigmas": False}
+
+TOKENIZER_CONFIG = {
+    "bos_token": "<|startoftext|>",
+    "do_lower_case": True,
+    "eos_token": "<|endoftext|>",
+    "model_max_length": 77,
+    "pad_token": "<|endoftext|>",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": "<|endoftext|>",
+}
+OPENCLIP_TOKENIZER_CONFIG = {**TOKENIZER_CONFIG, "pad_token": "!"}  # SD2 and SDXL's tokenizer_2 pad with "!" (id 0)
+
+
+def _sd(unet, vae, text, scheduler=SCHEDULER, tokenizer=TOKENIZER_CONFIG, pipeline="StableDiffusionPipeline"):
+    return {"pipeline": pipeline, "unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler,
+            "tokenizer": tokenizer}
+
+
+def _sdxl(unet, vae, text, text_2):
+    return {**_sd(unet, vae, text, SDXL_SCHEDULER, pipeline="StableDiffusionXLPipeline"),
+            "text_encoder_2": text_2, "tokenizer_2": OPENCLIP_TOKENIZER_CONFIG}
+
+
+_TINY_SD2 = dict(unet=TINY_SD2_UNET, vae=TINY_VAE, text={**SD2_TEXT, **TINY_TEXT}, tokenizer=OPENCLIP_TOKENIZER_CONFIG)
+
+ARCHS: dict[str, dict] = {
+    "sd15": _sd(SD15_UNET, SD15_VAE, SD15_TEXT),
+    "tiny": _sd(TINY_UNET, TINY_VAE, {**SD15_TEXT, **TINY_TEXT}),
+    # SD1.5-inpainting: 9-channel UNet (latent + mask + masked-image latent)
+    "tiny-inpaint": _sd({**TINY_UNET, "in_channels": 9}, TINY_VAE, {**SD15_TEXT, **TINY_TEXT},
+                        pipeline="StableDiffusionInpaintPipeline"),
+    "sd2": _sd(SD2_UNET, {**SD15_VAE, "sample_size": 768}, SD2_TEXT, SD2_SCHEDULER, OPENCLIP_TOKENIZER_CONFIG),
+    "tiny-sd2": _sd(**_TINY_SD2, scheduler=SD2_SCHEDULER),
+    "tiny-sd2-base": _sd(**_TINY_SD2, scheduler=SD2_BASE_SCHEDULER),
+    "tiny-sd-turbo": _sd(**_TINY_SD2, scheduler=TURBO_SCHEDULER),
+    # LCM-distilled SD1.5 UNet: guidance enters as an embedding of width time_cond_proj_dim
+    "tiny-lcm": _sd({**TINY_UNET, "time_cond_proj_dim": 256}, TINY_VAE, {**SD15_TEXT, **TINY_TEXT}, LCM_SCHEDULER,
+                    pipeline="LatentConsistencyModelPipeline"),
+    "sdxl": _sdxl(SDXL_UNET, {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+                  SD15_TEXT, SDXL_TEXT_2),
+    "tiny-sdxl": _sdxl({**TINY_SD2_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 2],
+                        "cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                        "projection_class_embeddings_input_dim": 80, "upcast_attention": False},
+                       {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+                       {**SD15_TEXT, **TINY_TEXT}, {**SDXL_TEXT_2, **TINY_TEXT}),
+}

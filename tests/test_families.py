@@ -1,0 +1,195 @@
+"""Model families end to end: make-model -> export -> runtime, parity with the matching diffusers pipeline.
+
+SD2.x (v-prediction DDIM and epsilon PNDM), SD-Turbo (Euler a, trailing, guidance 0), LCM
+(``LatentConsistencyModelPipeline``, guidance through ``timestep_cond``) and SDXL (two text
+encoders, pooled embeds and time ids): image max abs <= 1e-4 vs diffusers, same seed, for each
+family's own scheduler config and a couple of others, square and non-square, batch 1 and 2.
+
+To keep this file near three minutes on two cores, tiny-sd2-base and tiny-sd-turbo reuse tiny-sd2's
+exported engines (the three archs share configs and seed, so their weights are byte-identical; the
+test checks that) with the manifest's scheduler and family set from their own model folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sdrt.errors import InputError
+from sdrt.pipeline import Pipeline
+from sdrt.specs import SizeRange
+from sdrt_export.verify import load_reference, reference_images, use_scheduler, verify
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+BOUND = 1e-4
+PROMPT = "a photo of a cat sitting on a red sofa"
+EXPORTED = ("tiny-sd2", "tiny-lcm", "tiny-sdxl")
+SHARES_SD2_WEIGHTS = ("tiny-sd2-base", "tiny-sd-turbo")
+
+
+def picture(width: int, height: int, seed: int = 0):
+    """A deterministic RGB image with gradients and noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([x, y, x * y], axis=-1) * 200 + rng.uniform(0, 55, (height, width, 3))
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _weights_hash(model) -> dict:
+    return {str(p.relative_to(model)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(model.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """arch -> (model folder, ENGINE_DIR), built on first use."""
+    from sdrt_export.exporter import export_model
+    from sdrt_export.make_model import make_model
+    from sdrt_export.wrappers import dims_from_model, read_json
+
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(arch):
+        if arch not in built:
+            model = make_model(root / arch, arch=arch, seed=0)
+            engines = root / f"{arch}-engines"
+            if arch in EXPORTED:
+                export_model(model, engines, sizes=SizeRange(64, 64, 128, 2), progress=False)
+            else:
+                sd2_model, sd2_engines = get("tiny-sd2")
+                assert _weights_hash(model) == _weights_hash(sd2_model)
+                shutil.copytree(sd2_engines, engines)
+                manifest = json.loads((engines / "manifest.json").read_text())
+                manifest["scheduler"] = read_json(model / "scheduler" / "scheduler_config.json")
+                manifest["family"] = manifest["dims"]["family"] = dims_from_model(model).family
+                (engines / "manifest.json").write_text(json.dumps(manifest))
+            built[arch] = model, engines
+        return built[arch]
+
+    return get
+
+
+def compare(families, arch, scheduler, mode="txt2img", steps=3, guidance=7.5, seed=0, **case):
+    model, engines = families(arch)
+    ref = load_reference(model, mode, scheduler)
+    use_scheduler(ref, scheduler)
+    kwargs = dict(negative_prompt=case.pop("negative_prompt", ""), steps=steps, guidance=guidance, seed=seed,
+                  width=case.pop("width", 64), height=case.pop("height", 64), batch=case.pop("batch", 1), **case)
+    expected = reference_images(ref, mode, PROMPT, **kwargs)
+    result = getattr(Pipeline(engines, threads=2), mode)(prompt=PROMPT, scheduler=scheduler, **kwargs)
+    assert result.unit_images.shape == expected.shape
+    error = float(np.abs(result.unit_images - expected).max())
+    assert error <= BOUND, f"{arch} {mode} {scheduler} {steps} steps: max abs {error:.3e} > {BOUND}"
+    assert float(expected.std()) > 1e-3
+    return result
+
+
+NON_SQUARE_B2 = dict(width=96, height=64, batch=2)
+CASES = [
+    # SD 2.1 768-v: its own DDIM v-prediction config, then two others (still v-prediction)
+    ("tiny-sd2", None, dict(negative_prompt="blurry", seed=7)),
+    ("tiny-sd2", None, dict(NON_SQUARE_B2, seed=8)),
+    ("tiny-sd2", "Euler a", dict(NON_SQUARE_B2, negative_prompt="ugly")),
+    ("tiny-sd2", "DPM++ 2M Karras", dict(width=64, height=96, steps=4)),
+    # SD 2.1-base: PNDM, epsilon
+    ("tiny-sd2-base", None, dict(NON_SQUARE_B2, negative_prompt="blurry", steps=4)),
+    # SD-Turbo: Euler a with trailing spacing, 1-4 steps, no CFG
+    ("tiny-sd-turbo", None, dict(steps=1, guidance=0.0)),
+    ("tiny-sd-turbo", None, dict(NON_SQUARE_B2, steps=2, guidance=0.0)),
+    ("tiny-sd-turbo", None, dict(steps=4, guidance=0.0, seed=3)),
+    ("tiny-sd-turbo", "DPM++ 2M Karras", dict(steps=2, guidance=0.0)),
+    # LCM: guidance as the UNet's timestep_cond, LCMScheduler; other schedulers vs StableDiffusionPipeline
+    ("tiny-lcm", None, dict(steps=4, guidance=8.5)),
+    ("tiny-lcm", None, dict(NON_SQUARE_B2, steps=2, guidance=1.5)),
+    ("tiny-lcm", "Euler a", dict(steps=3, guidance=4.0)),
+    ("tiny-lcm", "DPM++ 2M Karras", dict(width=64, height=96, steps=3)),
+    # SDXL: both encoders, pooled embeds, time ids; an empty negative prompt gives zero embeddings
+    ("tiny-sdxl", None, dict(negative_prompt="blurry", seed=7)),
+    ("tiny-sdxl", None, dict(NON_SQUARE_B2, seed=8)),
+    ("tiny-sdxl", "Euler a", dict(width=64, height=96)),
+    ("tiny-sdxl", "DPM++ 2M Karras", dict(NON_SQUARE_B2, negative_prompt="ugly", steps=4)),
+    ("tiny-sdxl", "DDIM", dict(guidance=1.0)),
+]
+
+
+@pytest.mark.parametrize("arch, scheduler, case", CASES,
+                         ids=[f"{a}-{s or 'own'}-{i}" for i, (a, s, _) in enumerate(CASES)])
+def test_txt2img_parity(families, arch, scheduler, case):
+    compare(families, arch, scheduler, **case)
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd2", "tiny-sdxl"])
+def test_img2img_parity(families, arch):
+    compare(families, arch, "Euler a", mode="img2img", steps=4, strength=0.6, image=picture(96, 64, 1),
+            negative_prompt="ugly", **NON_SQUARE_B2)
+
+
+def test_lcm_guidance_changes_image(families):
+    sd = Pipeline(families("tiny-lcm")[1], threads=2)
+    low, high = (sd.txt2img(PROMPT, steps=2, guidance=g, seed=1, width=64, height=64).unit_images for g in (1.5, 8))
+    assert np.abs(low - high).max() > 1e-3
+
+
+@pytest.mark.parametrize("arch, family, extra", [
+    ("tiny-sd2", "sd2", {}),
+    ("tiny-sd2-base", "sd2", {}),
+    ("tiny-sd-turbo", "sd-turbo", {}),
+    ("tiny-lcm", "lcm", {"time_cond_proj_dim": 256}),
+    ("tiny-sdxl", "sdxl", {"text_2_hidden_size": 32, "text_embeds_dim": 32, "time_ids_dim": 6,
+                           "cross_attention_dim": 64}),
+])
+def test_family_in_manifest(families, arch, family, extra):
+    sd = Pipeline(families(arch)[1])
+    assert sd.manifest.family == family and sd.dims.family == family
+    assert {k: getattr(sd.dims, k) for k in extra} == extra
+    names = sd.manifest.specs["unet"].input_names
+    assert ("timestep_cond" in names) == (family == "lcm")
+    assert ("text_embeds" in names and "time_ids" in names) == (family == "sdxl")
+    assert sd.manifest.has("text_encoder_2") == (family == "sdxl")
+    assert sd.manifest.data["vae"]["force_upcast"] == (family == "sdxl")
+    pad = sd.conditioner.tokenizers[-1].pad_id
+    assert pad == (0 if family != "lcm" else 49407)  # OpenCLIP tokenizers pad with "!" (id 0)
+
+
+def test_sdxl_inpaint_is_refused(families):
+    sd = Pipeline(families("tiny-sdxl")[1])
+    image = picture(64, 64)
+    with pytest.raises(InputError, match="SDXL"):
+        sd.inpaint(image, image.convert("L"), PROMPT, steps=2)
+
+
+def test_verify_sdxl(families):
+    model, engines = families("tiny-sdxl")
+    report = verify(model, engines, scheduler="Euler", steps=2, width=64, height=64)
+    assert not report["failed"], report["message"]
+    assert set(report["stages_rel_l2"]) == {"text_embeddings", "text_embeddings_2", "unet_step", "vae_decode",
+                                            "vae_encode"}
+
+
+@pytest.mark.parametrize("arch, counts", [
+    ("sd2", {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863}),
+    ("sdxl", {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+              "vae": 83_653_863}),
+])
+def test_full_size_param_counts_on_meta(arch, counts):
+    from sdrt_export.archs import ARCHS
+
+    config = ARCHS[arch]
+    with torch.device("meta"):
+        modules = {"unet": diffusers.UNet2DConditionModel(**config["unet"]),
+                   "vae": diffusers.AutoencoderKL(**config["vae"]),
+                   "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**config["text_encoder"]))}
+        if "text_encoder_2" in config:
+            modules["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
+                transformers.CLIPTextConfig(**config["text_encoder_2"]))
+    assert {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()} == counts
+    assert all(p.is_meta for m in modules.values() for p in m.parameters())
