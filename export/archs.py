@@ -123,11 +123,16 @@ def _sd(unet, vae, text, scheduler=SCHEDULER, tokenizer=TOKENIZER_CONFIG, pipeli
             "tokenizer": tokenizer}
 
 
-def _sdxl(unet, vae, text, text_2):
-    return {**_sd(unet, vae, text, SDXL_SCHEDULER, pipeline="StableDiffusionXLPipeline"),
+def _sdxl(unet, vae, text, text_2, pipeline="StableDiffusionXLPipeline"):
+    return {**_sd(unet, vae, text, SDXL_SCHEDULER, pipeline=pipeline),
             "text_encoder_2": text_2, "tokenizer_2": OPENCLIP_TOKENIZER_CONFIG}
 
 
+TINY_SDXL_UNET = {**TINY_SD2_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 2],
+                  "cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                  "projection_class_embeddings_input_dim": 80, "upcast_attention": False}
+TINY_SDXL_VAE = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
 _TINY_SD2 = dict(unet=TINY_SD2_UNET, vae=TINY_VAE, text={**SD2_TEXT, **TINY_TEXT}, tokenizer=OPENCLIP_TOKENIZER_CONFIG)
 
 ARCHS: dict[str, dict] = {
@@ -145,10 +150,8 @@ ARCHS: dict[str, dict] = {
                     pipeline="LatentConsistencyModelPipeline"),
     "sdxl": _sdxl(SDXL_UNET, {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
                   SD15_TEXT, SDXL_TEXT_2),
-    "tiny-sdxl": _sdxl({**TINY_SD2_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-                        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 2],
-                        "cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                        "projection_class_embeddings_input_dim": 80, "upcast_attention": False},
-                       {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
-                       {**SD15_TEXT, **TINY_TEXT}, {**SDXL_TEXT_2, **TINY_TEXT}),
+    "tiny-sdxl": _sdxl(TINY_SDXL_UNET, TINY_SDXL_VAE, {**SD15_TEXT, **TINY_TEXT}, {**SDXL_TEXT_2, **TINY_TEXT}),
+    # diffusers/stable-diffusion-xl-1.0-inpainting-0.1's layout: 9-channel UNet, StableDiffusionXLInpaintPipeline
+    "tiny-sdxl-inpaint": _sdxl({**TINY_SDXL_UNET, "in_channels": 9}, TINY_SDXL_VAE, {**SD15_TEXT, **TINY_TEXT},
+                               {**SDXL_TEXT_2, **TINY_TEXT}, pipeline="StableDiffusionXLInpaintPipeline"),
 }

@@ -28,7 +28,7 @@ from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manif
 from sdrt.specs import ComponentSpec, SizeRange, build_specs
 from sdrt_export import fp16, graph
 from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
-from sdrt_export.wrappers import SDXL_PIPELINE, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
+from sdrt_export.wrappers import SDXL_PIPELINES, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
     unet_up_factor
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def validate_model_dir(model) -> Path:
     missing = [f"{name}/" for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
     if missing:
         raise ModelError(f"{path} is not a Stable Diffusion pipeline (missing {', '.join(missing)})")
-    missing = [f"{name}/" for name in SDXL_SUBFOLDERS if class_name == SDXL_PIPELINE and not (path / name).is_dir()]
+    missing = [f"{name}/" for name in SDXL_SUBFOLDERS if class_name in SDXL_PIPELINES and not (path / name).is_dir()]
     if missing:
         raise ModelError(f"{path}: a {class_name} lacks {', '.join(missing)}; supported: SDXL folders with both "
                          "text encoders and tokenizers")

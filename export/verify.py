@@ -1,7 +1,8 @@
 """``sdrt verify``: sdrt against the diffusers pipeline (torch, fp32) on the same inputs and seed.
 
 Reports per-stage errors (text embeddings, one UNet call, VAE decode, VAE encode) and the final
-image's max abs error and PSNR; ``failed`` is set past tolerance (the CLI then exits 1).
+image's max abs error and PSNR; ``failed`` is set past tolerance (the CLI then exits 1). The request
+is txt2img, or inpaint (a synthetic image and mask) for models with a 9-channel inpainting UNet.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from sdrt import schedulers
 from sdrt.errors import ModelError
-from sdrt.pipeline import Pipeline
+from sdrt.pipeline import Pipeline, default_inpaint_strength
 from sdrt.specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,18 @@ def stage_errors(pipe, sdrt_pipe: Pipeline, width: int, height: int, seed: int) 
     return out
 
 
+def _inpaint_inputs(width: int, height: int, seed: int) -> dict:
+    """A deterministic picture (gradients and noise) and a mask repainting its middle."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([x, y, x * y], axis=-1) * 200 + rng.uniform(0, 55, (height, width, 3))
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    return {"image": Image.fromarray(rgb.astype(np.uint8)), "mask": Image.fromarray(mask)}
+
+
 def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, height=None, seed=0,
            prompt="a photo of a cat", negative_prompt="", guidance=7.5) -> dict:
     """Run both pipelines on the same request; return the report (``failed`` past tolerance)."""
@@ -142,21 +155,28 @@ def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, heigh
     precision = sdrt_pipe.manifest.data.get("precision", "fp32")
     sizes = sdrt_pipe.manifest.sizes
     width, height = width or sizes.min_size, height or sizes.min_size
-    result = sdrt_pipe.txt2img(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                               width=width, height=height, scheduler=scheduler)
-    pipe = load_reference(model_dir, "txt2img", scheduler)
+    dims = sdrt_pipe.dims
+    mode = "inpaint" if dims.unet_in_channels != dims.latent_channels else "txt2img"
+    inputs = {}
+    if mode == "inpaint":
+        inputs = {**_inpaint_inputs(width, height, seed), "strength": default_inpaint_strength(dims)}
+    request = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
+                   height=height, **inputs)
+    result = getattr(sdrt_pipe, mode)(prompt=prompt, scheduler=scheduler, **request)
+    pipe = load_reference(model_dir, mode, scheduler)
     use_scheduler(pipe, scheduler)
-    expected = reference_images(pipe, "txt2img", prompt, negative_prompt=negative_prompt, steps=steps,
-                                guidance=guidance, seed=seed, width=width, height=height)
+    expected = reference_images(pipe, mode, prompt, **request)
     stages = stage_errors(pipe, sdrt_pipe, width, height, seed)
     max_abs = float(np.abs(result.unit_images - expected).max())
     failed = max_abs > IMAGE_TOLERANCE[precision] or any(v > STAGE_TOLERANCE[precision] for v in stages.values())
-    report = {"scheduler": scheduler or sdrt_pipe.manifest.scheduler_config.get("_class_name"), "steps": steps,
+    report = {"mode": mode, "scheduler": scheduler or sdrt_pipe.manifest.scheduler_config.get("_class_name"),
+              "steps": steps,
               "size": f"{width}x{height}", "seed": seed, "precision": precision, "stages_rel_l2": stages,
               "image_max_abs": max_abs, "image_psnr_db": psnr(result.unit_images, expected),
               "tolerance_max_abs": IMAGE_TOLERANCE[precision], "failed": failed}
     verdict = "FAIL" if failed else "ok"
     stage_text = ", ".join(f"{k} {v:.2e}" for k, v in stages.items())
-    report["message"] = (f"verify {verdict}: image max abs {max_abs:.2e} (tolerance {IMAGE_TOLERANCE[precision]:.0e}), "
+    report["message"] = (f"verify {verdict} ({mode}): image max abs {max_abs:.2e} "
+                         f"(tolerance {IMAGE_TOLERANCE[precision]:.0e}), "
                          f"PSNR {report['image_psnr_db']:.1f} dB; stage rel L2: {stage_text}")
     return report

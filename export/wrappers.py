@@ -20,8 +20,10 @@ from sdrt.specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCO
 log = logging.getLogger(__name__)
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                       "LatentConsistencyModelPipeline", "StableDiffusionXLPipeline")
+                       "LatentConsistencyModelPipeline", "StableDiffusionXLPipeline",
+                       "StableDiffusionXLInpaintPipeline")
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
+SDXL_PIPELINES = (SDXL_PIPELINE, "StableDiffusionXLInpaintPipeline")  # the latter: 9-channel inpainting UNets
 SUPPORTED_UNETS = ("UNet2DConditionModel",)
 SUPPORTED_VAES = ("AutoencoderKL",)
 SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel",)
@@ -108,7 +110,7 @@ def _text_config(path: Path, supported: tuple[str, ...]) -> dict:
 
 def detect_family(pipeline: str, unet: dict, text: dict, scheduler: dict) -> str:
     """sd15 | sd2 | sd-turbo | lcm | sdxl from model_index's class and the configs (no user flag)."""
-    if pipeline == SDXL_PIPELINE:
+    if pipeline in SDXL_PIPELINES:
         return "sdxl"
     if unet.get("time_cond_proj_dim") or pipeline == "LatentConsistencyModelPipeline":
         return "lcm"
@@ -127,7 +129,7 @@ def dims_from_model(model_dir: Path) -> ModelDims:
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     _check_class(unet, unet_path, SUPPORTED_UNETS)
     _check_class(vae, vae_path, SUPPORTED_VAES)
-    sdxl = pipeline == SDXL_PIPELINE
+    sdxl = pipeline in SDXL_PIPELINES
     text_2 = _text_config(model_dir / "text_encoder_2" / "config.json", SUPPORTED_TEXT_ENCODERS_2) if sdxl else {}
     problems = []
     if unet.get("class_embed_type") or unet.get("encoder_hid_dim_type") or (

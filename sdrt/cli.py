@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
         if mode != "txt2img":
             p.add_argument("--image", required=True)
-            p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else 1.0)
+            p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else None,
+                           help="how much of the image to redraw, in (0, 1] [img2img 0.75; inpaint as diffusers: "
+                                "1.0, SDXL 0.9999]")
         if mode == "inpaint":
             p.add_argument("--mask", required=True, help="white = repaint, black = keep")
         p.add_argument("--out", required=True, help="output PNG (batch > 1 adds -1, -2, ...)")

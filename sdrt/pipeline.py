@@ -4,13 +4,14 @@ Mirrors ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and
 ``StableDiffusionInpaintPipeline`` step for step, including the order of random draws, so a seed
 gives the same image as diffusers with ``torch.Generator("cpu").manual_seed(seed)``. The same loop
 serves SD2.x/SD-Turbo (as those classes), LCM (``LatentConsistencyModelPipeline``: guidance through
-``timestep_cond``, no CFG) and SDXL txt2img/img2img (``StableDiffusionXL{,Img2Img}Pipeline``); the
-differences live in ``conditioning.py``, keyed on the model's dims.
+``timestep_cond``, no CFG) and SDXL (``StableDiffusionXL{,Img2Img,Inpaint}Pipeline``, 4- and 9-channel
+UNets); the differences live in ``conditioning.py`` and in small functions here, keyed on the model's dims.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
 from sdrt.manifest import load_manifest
 from sdrt.rng import TorchGenerator, random_seed
-from sdrt.specs import UNET, VAE_DECODER, VAE_ENCODER
+from sdrt.specs import UNET, VAE_DECODER, VAE_ENCODER, ModelDims
 from sdrt.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,17 @@ class Timings:
 
 
 def _check_finite(array: np.ndarray, stage: str, step: int | None = None, total: int | None = None) -> None:
-    if not np.isfinite(array).all():
+    if not math.isfinite(array.sum(dtype=np.float64)):  # one pass; NaN/inf propagate, float64 cannot overflow
         where = f" at step {step}/{total}" if step is not None else ""
         raise NumericsError(
             f"NaN/inf in {stage}{where}: the engine overflowed (with fp16 engines, rebuild this component in fp32)"
         )
+
+
+def default_inpaint_strength(dims: ModelDims) -> float:
+    """diffusers' default inpaint strength: 1.0 for ``StableDiffusionInpaintPipeline``, 0.9999 for
+    ``StableDiffusionXLInpaintPipeline`` (one step fewer, and the image's latents under the first noise)."""
+    return 0.9999 if dims.has_text_encoder_2 else 1.0
 
 
 class Pipeline:
@@ -112,7 +119,9 @@ class Pipeline:
     def img2img(self, image, prompt: str, strength: float = 0.75, **options) -> Result:
         return self._generate("img2img", prompt, image=image, strength=strength, **options)
 
-    def inpaint(self, image, mask, prompt: str, strength: float = 1.0, **options) -> Result:
+    def inpaint(self, image, mask, prompt: str, strength: float | None = None, **options) -> Result:
+        """``strength`` None: the diffusers class's default (``default_inpaint_strength``)."""
+        strength = default_inpaint_strength(self.dims) if strength is None else strength
         return self._generate("inpaint", prompt, image=image, mask=mask, strength=strength, **options)
 
     def _generate(self, mode, prompt, *, negative_prompt="", steps=30, guidance=7.5, seed=None, width=None,
@@ -126,8 +135,9 @@ class Pipeline:
             raise InputError(f"batch must be an integer >= 1, got {batch!r}")
         if mode != "txt2img" and not (isinstance(strength, (int, float, np.floating)) and 0 < strength <= 1):
             raise InputError(f"strength must be in (0, 1], got {strength!r}")
-        if mode == "inpaint" and self.dims.has_text_encoder_2:
-            raise InputError("inpaint is not supported for SDXL models yet (txt2img and img2img are)")
+        if mode != "inpaint" and self.dims.unet_in_channels != self.dims.latent_channels:
+            raise InputError(f"this model's UNet takes {self.dims.unet_in_channels} channels (an inpainting model); "
+                             "use inpaint with an image and a mask")
         image, mask = self._inputs(mode, image, mask)
         scale = self.dims.vae_scale_factor
         default_w, default_h = (image.width - image.width % scale, image.height - image.height % scale) if image \
@@ -152,22 +162,23 @@ class Pipeline:
         shape = (batch, self.dims.latent_channels, height // scale, width // scale)
 
         if mode == "txt2img":
-            latents = generator.randn(shape) * np.float32(sched.init_noise_sigma)
+            latents, extra = generator.randn(shape) * np.float32(sched.init_noise_sigma), {}
         else:
             latents, extra = self._prepare_image_latents(
                 mode, image, mask, width, height, shape, strength, timesteps[0], sched, generator, cfg, timings)
 
         total = len(timesteps)
+        unet, feeds = self.engine(UNET), self._unet_feeds(shape, cfg, conditioning, extra)
+        sample, timestep = feeds["sample"], feeds["timestep"]
         for i, t in enumerate(timesteps):
             with timings("step"):
-                model_input = np.concatenate([latents] * 2) if cfg else latents
-                model_input = sched.scale_model_input(model_input, t)
-                if mode == "inpaint" and self.dims.unet_in_channels == 9:
-                    model_input = np.concatenate([model_input, extra["mask"], extra["masked_latents"]], axis=1)
-                feeds = {"sample": model_input, "timestep": np.full(model_input.shape[0], t, np.float32),
-                         **conditioning}
+                # scale once per image, then write it into each CFG half of the reused UNet input
+                scaled = sched.scale_model_input(latents, t)
+                for half in range(0, sample.shape[0], batch):
+                    sample[half:half + batch, :shape[1]] = scaled
+                timestep.fill(t)
                 with timings("unet"):
-                    noise_pred = self.engine(UNET)(feeds)["out_sample"]
+                    noise_pred = unet(feeds)["out_sample"]
                 if cfg:
                     noise_pred = guide(noise_pred, guidance)
                 # LCMScheduler's last step returns its denoised x0 as prev_sample, so decoding the final
@@ -189,6 +200,15 @@ class Pipeline:
                   "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
                   "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength}
         return Result(to_uint8(unit), unit, seed, timings.summary(), params)
+
+    def _unet_feeds(self, shape, cfg: bool, conditioning: dict, extra: dict) -> dict:
+        """UNet feeds allocated once per generation: ``sample`` ([uncond; cond] halves with CFG, plus the
+        9-channel inpainting UNet's mask and masked-image latents, which stay fixed) and ``timestep``."""
+        rows = shape[0] * (2 if cfg else 1)
+        sample = np.empty((rows, self.dims.unet_in_channels) + tuple(shape[2:]), np.float32)
+        if self.dims.unet_in_channels != shape[1]:
+            sample[:, shape[1]:] = np.concatenate([extra["mask"], extra["masked_latents"]], axis=1)
+        return {"sample": sample, "timestep": np.empty(rows, np.float32), **conditioning}
 
     def _inputs(self, mode, image, mask):
         if mode == "txt2img":

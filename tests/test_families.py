@@ -2,8 +2,9 @@
 
 SD2.x (v-prediction DDIM and epsilon PNDM), SD-Turbo (Euler a, trailing, guidance 0), LCM
 (``LatentConsistencyModelPipeline``, guidance through ``timestep_cond``) and SDXL (two text
-encoders, pooled embeds and time ids): image max abs <= 1e-4 vs diffusers, same seed, for each
-family's own scheduler config and a couple of others, square and non-square, batch 1 and 2.
+encoders, pooled embeds and time ids; inpainting as ``StableDiffusionXLInpaintPipeline`` with the
+base 4-channel UNet and a 9-channel inpainting UNet): image max abs <= 1e-4 vs diffusers, same seed,
+for each family's own scheduler config and a couple of others, square and non-square, batch 1 and 2.
 
 To keep this file near three minutes on two cores, tiny-sd2-base and tiny-sd-turbo reuse tiny-sd2's
 exported engines (the three archs share configs and seed, so their weights are byte-identical; the
@@ -19,7 +20,6 @@ import shutil
 import numpy as np
 import pytest
 
-from sdrt.errors import InputError
 from sdrt.pipeline import Pipeline
 from sdrt.specs import SizeRange
 from sdrt_export.verify import load_reference, reference_images, use_scheduler, verify
@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 BOUND = 1e-4
 PROMPT = "a photo of a cat sitting on a red sofa"
-EXPORTED = ("tiny-sd2", "tiny-lcm", "tiny-sdxl")
+EXPORTED = ("tiny-sd2", "tiny-lcm", "tiny-sdxl", "tiny-sdxl-inpaint")
 SHARES_SD2_WEIGHTS = ("tiny-sd2-base", "tiny-sd-turbo")
 
 
@@ -42,6 +42,15 @@ def picture(width: int, height: int, seed: int = 0):
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
     rgb = np.stack([x, y, x * y], axis=-1) * 200 + rng.uniform(0, 55, (height, width, 3))
     return Image.fromarray(rgb.astype(np.uint8))
+
+
+def mask_picture(width: int, height: int):
+    """White (repaint) over the right two thirds of the middle half, black elsewhere."""
+    from PIL import Image
+
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 3:] = 255
+    return Image.fromarray(mask)
 
 
 def _weights_hash(model) -> dict:
@@ -133,6 +142,59 @@ def test_img2img_parity(families, arch):
             negative_prompt="ugly", **NON_SQUARE_B2)
 
 
+INPAINT_CASES = [
+    # SDXL base (4-channel UNet): diffusers blends the kept region back at each step's noise level
+    ("tiny-sdxl", None, 1.0, dict(NON_SQUARE_B2, negative_prompt="blurry", seed=3)),
+    ("tiny-sdxl", None, 0.75, dict(width=64, height=96, seed=4)),
+    ("tiny-sdxl", "DPM++ 2M Karras", 0.75, dict(NON_SQUARE_B2, negative_prompt="ugly", seed=5)),
+    ("tiny-sdxl", "Euler a", 1.0, dict(width=64, height=64, seed=6)),
+    # SDXL inpainting (9-channel UNet): mask and masked-image latents concatenated to the UNet input
+    ("tiny-sdxl-inpaint", None, 1.0, dict(width=64, height=96, batch=2, seed=7)),
+    ("tiny-sdxl-inpaint", None, 0.75, dict(NON_SQUARE_B2, negative_prompt="blurry", seed=8)),
+    ("tiny-sdxl-inpaint", "UniPC", 0.75, dict(width=96, height=64, seed=9)),
+    ("tiny-sdxl-inpaint", "DDIM", 1.0, dict(NON_SQUARE_B2, guidance=1.0, seed=10)),
+]
+
+
+@pytest.mark.parametrize("arch, scheduler, strength, case", INPAINT_CASES,
+                         ids=[f"{a}-{s or 'own'}-{st}-{i}" for i, (a, s, st, _) in enumerate(INPAINT_CASES)])
+def test_sdxl_inpaint_parity(families, arch, scheduler, strength, case):
+    width, height = case["width"], case["height"]
+    compare(families, arch, scheduler, mode="inpaint", steps=4, strength=strength,
+            image=picture(width, height, case["seed"]), mask=mask_picture(width, height), **case)
+
+
+@pytest.mark.parametrize("arch", ["tiny-sdxl", "tiny-sdxl-inpaint"])
+def test_sdxl_inpaint_default_strength(families, arch):
+    """No strength: StableDiffusionXLInpaintPipeline's default 0.9999 (one step fewer, image under noise)."""
+    model, engines = families(arch)
+    ref = load_reference(model, "inpaint")
+    image, mask = picture(96, 64, 2), mask_picture(96, 64)
+    with torch.no_grad():
+        expected = ref(prompt=PROMPT, image=image, mask_image=mask, width=96, height=64, num_inference_steps=5,
+                       output_type="np", generator=torch.Generator("cpu").manual_seed(1)).images
+    result = Pipeline(engines, threads=2).inpaint(image, mask, PROMPT, steps=5, seed=1, width=96, height=64)
+    assert result.parameters["strength"] == 0.9999
+    assert float(np.abs(result.unit_images - expected).max()) <= BOUND
+
+
+def test_sdxl_inpaint_cli(families, tmp_path, capsys):
+    from sdrt.cli import main
+
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    picture(96, 64).save(image)
+    mask_picture(96, 64).save(mask)
+    for arch in ("tiny-sdxl", "tiny-sdxl-inpaint"):
+        out = tmp_path / f"{arch}.png"
+        code = main(["inpaint", "--engines", str(families(arch)[1]), "--prompt", PROMPT, "--image", str(image),
+                     "--mask", str(mask), "--steps", "3", "--seed", "0", "--batch", "2", "--out", str(out), "--json"])
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0, report
+        assert report["parameters"]["strength"] == 0.9999
+        assert (report["parameters"]["width"], report["parameters"]["height"]) == (96, 64)
+        assert [p.name for p in sorted(tmp_path.glob(f"{arch}-*.png"))] == [f"{arch}-1.png", f"{arch}-2.png"]
+
+
 def test_lcm_guidance_changes_image(families):
     sd = Pipeline(families("tiny-lcm")[1], threads=2)
     low, high = (sd.txt2img(PROMPT, steps=2, guidance=g, seed=1, width=64, height=64).unit_images for g in (1.5, 8))
@@ -146,6 +208,7 @@ def test_lcm_guidance_changes_image(families):
     ("tiny-lcm", "lcm", {"time_cond_proj_dim": 256}),
     ("tiny-sdxl", "sdxl", {"text_2_hidden_size": 32, "text_embeds_dim": 32, "time_ids_dim": 6,
                            "cross_attention_dim": 64}),
+    ("tiny-sdxl-inpaint", "sdxl", {"unet_in_channels": 9, "text_2_hidden_size": 32, "time_ids_dim": 6}),
 ])
 def test_family_in_manifest(families, arch, family, extra):
     sd = Pipeline(families(arch)[1])
@@ -160,17 +223,12 @@ def test_family_in_manifest(families, arch, family, extra):
     assert pad == (0 if family != "lcm" else 49407)  # OpenCLIP tokenizers pad with "!" (id 0)
 
 
-def test_sdxl_inpaint_is_refused(families):
-    sd = Pipeline(families("tiny-sdxl")[1])
-    image = picture(64, 64)
-    with pytest.raises(InputError, match="SDXL"):
-        sd.inpaint(image, image.convert("L"), PROMPT, steps=2)
-
-
-def test_verify_sdxl(families):
-    model, engines = families("tiny-sdxl")
+@pytest.mark.parametrize("arch, mode", [("tiny-sdxl", "txt2img"), ("tiny-sdxl-inpaint", "inpaint")])
+def test_verify_sdxl(families, arch, mode):
+    model, engines = families(arch)
     report = verify(model, engines, scheduler="Euler", steps=2, width=64, height=64)
     assert not report["failed"], report["message"]
+    assert report["mode"] == mode
     assert set(report["stages_rel_l2"]) == {"text_embeddings", "text_embeddings_2", "unet_step", "vae_decode",
                                             "vae_encode"}
 
