@@ -146,6 +146,20 @@ class ComponentSpec:
         """Shapes of every input and output for an engine batch and a pixel size."""
         return {t.name: t.shape(batch, height, width, self.scale) for t in self.tensors}
 
+    def output_shapes(self, input_shapes: dict[str, tuple]) -> dict[str, tuple[int, ...]]:
+        """Output shapes implied by the inputs' shapes: dynamic axis values are read off the inputs (pixel
+        and latent sizes from each other by ``scale``). For backends that preallocate outputs."""
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            for axis, name in t.dynamic_axes.items():
+                sizes.setdefault(name, int(input_shapes[t.name][axis]))
+        for pixel, latent in ((HEIGHT, LATENT_HEIGHT), (WIDTH, LATENT_WIDTH)):
+            if latent in sizes:
+                sizes.setdefault(pixel, sizes[latent] * self.scale)
+            elif pixel in sizes:
+                sizes[latent] = sizes[pixel] // self.scale
+        return {t.name: tuple(sizes[d] if isinstance(d, str) else int(d) for d in t.dims) for t in self.outputs}
+
     def profile(self, sizes: SizeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
         """min/opt/max shape of every input, for a TensorRT optimization profile."""
         max_batch = sizes.max_batch * self.batch_factor

@@ -119,6 +119,7 @@ def test_parity_with_torch(tiny_model_dir, tiny_engine_dir):
             got = session.run(spec.output_names, feeds)
             for name, g, w in zip(spec.output_names, got, want):
                 assert g.shape == spec.shapes(batch, height, width)[name]
+                assert g.shape == spec.output_shapes({n: v.shape for n, v in feeds.items()})[name]
                 err = _rel(g, w)
                 worst[spec.name] = max(worst.get(spec.name, 0.0), err)
                 assert err <= TOLERANCE, f"{spec.name}.{name} at {(batch, height, width)}: {err:.3g}"
