@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdrt.errors import NumericsError
+from sdrt.arrays import check_finite
 from sdrt.specs import TEXT_ENCODER, TEXT_ENCODER_2, ModelDims
 
 
@@ -33,13 +33,6 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
 def uses_text_cfg(dims: ModelDims, cfg_requested: bool) -> bool:
     """diffusers: no classifier-free guidance when guidance enters through ``timestep_cond`` (LCM UNets)."""
     return cfg_requested and not dims.time_cond_proj_dim
-
-
-def _finite(array: np.ndarray, stage: str) -> np.ndarray:
-    if not np.isfinite(array).all():
-        raise NumericsError(
-            f"NaN/inf in {stage}: the engine overflowed (with fp16 engines, rebuild this component in fp32)")
-    return array
 
 
 class TextConditioner:
@@ -76,13 +69,13 @@ class TextConditioner:
                 ids = self.tokenizers[0](prompts)
             with timings("text_encoder"):
                 hidden = self.engine(TEXT_ENCODER)({"input_ids": ids})["last_hidden_state"]
-            return _finite(hidden, "text embeddings"), None
+            return check_finite(hidden, "text embeddings"), None
         hiddens, pooled = [], None
         for tokenizer, name in zip(self.tokenizers, (TEXT_ENCODER, TEXT_ENCODER_2)):
             with timings("tokenize"):
                 ids = tokenizer(prompts)
             with timings("text_encoder"):
                 out = self.engine(name)({"input_ids": ids})
-            hiddens.append(_finite(out["hidden_states"], f"{name} embeddings"))
+            hiddens.append(check_finite(out["hidden_states"], f"{name} embeddings"))
             pooled = out.get("text_embeds", pooled)
-        return np.concatenate(hiddens, axis=-1), _finite(pooled, "pooled text embeddings")
+        return np.concatenate(hiddens, axis=-1), check_finite(pooled, "pooled text embeddings")

@@ -11,7 +11,6 @@ UNets); the differences live in ``conditioning.py`` and in small functions here,
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from sdrt import schedulers
+from sdrt.arrays import StepGuard, check_finite, loop_namespace, to_host
 from sdrt.backends import open_engine
 from sdrt.conditioning import TextConditioner, uses_text_cfg
 from sdrt.errors import Cancelled, InputError, NumericsError
@@ -28,6 +28,7 @@ from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
 from sdrt.manifest import load_manifest
 from sdrt.rng import TorchGenerator, random_seed
+from sdrt.schedulers.common import astype
 from sdrt.specs import UNET, VAE_DECODER, VAE_ENCODER, ModelDims
 from sdrt.tokenizer import ClipTokenizer
 
@@ -72,14 +73,6 @@ class Timings:
         return {k: (v if k in self.PER_CALL else sum(v)) for k, v in self.samples.items()}
 
 
-def _check_finite(array: np.ndarray, stage: str, step: int | None = None, total: int | None = None) -> None:
-    if not math.isfinite(array.sum(dtype=np.float64)):  # one pass; NaN/inf propagate, float64 cannot overflow
-        where = f" at step {step}/{total}" if step is not None else ""
-        raise NumericsError(
-            f"NaN/inf in {stage}{where}: the engine overflowed (with fp16 engines, rebuild this component in fp32)"
-        )
-
-
 def default_inpaint_strength(dims: ModelDims) -> float:
     """diffusers' default inpaint strength: 1.0 for ``StableDiffusionInpaintPipeline``, 0.9999 for
     ``StableDiffusionXLInpaintPipeline`` (one step fewer, and the image's latents under the first noise)."""
@@ -89,8 +82,12 @@ def default_inpaint_strength(dims: ModelDims) -> float:
 class Pipeline:
     """A Stable Diffusion model opened from an ENGINE_DIR; engines open on first use."""
 
-    def __init__(self, engine_dir: str | os.PathLike, backend: str = "ort-cpu", threads: int | None = None):
+    def __init__(self, engine_dir: str | os.PathLike, backend: str = "ort-cpu", threads: int | None = None,
+                 xp=None):
+        """``xp``: the array namespace of the denoising loop (default: cupy for GPU backends when it is
+        installed, so latents stay on the device; numpy otherwise). Step callbacks get latents in it."""
         start = time.perf_counter()
+        self.xp = loop_namespace(backend, xp)
         self.manifest = load_manifest(engine_dir)
         for section in ("tokenizer", "tokenizer_2"):
             for record in self.manifest.data.get(section, {}).get("files", []):
@@ -167,33 +164,11 @@ class Pipeline:
             latents, extra = self._prepare_image_latents(
                 mode, image, mask, width, height, shape, strength, timesteps[0], sched, generator, cfg, timings)
 
-        total = len(timesteps)
-        unet, feeds = self.engine(UNET), self._unet_feeds(shape, cfg, conditioning, extra)
-        sample, timestep = feeds["sample"], feeds["timestep"]
-        for i, t in enumerate(timesteps):
-            with timings("step"):
-                # scale once per image, then write it into each CFG half of the reused UNet input
-                scaled = sched.scale_model_input(latents, t)
-                for half in range(0, sample.shape[0], batch):
-                    sample[half:half + batch, :shape[1]] = scaled
-                timestep.fill(t)
-                with timings("unet"):
-                    noise_pred = unet(feeds)["out_sample"]
-                if cfg:
-                    noise_pred = guide(noise_pred, guidance)
-                # LCMScheduler's last step returns its denoised x0 as prev_sample, so decoding the final
-                # latents equals LatentConsistencyModelPipeline decoding ``denoised``
-                latents = sched.step(noise_pred, t, latents, generator=generator).prev_sample
-                if mode == "inpaint" and self.dims.unet_in_channels == 4:
-                    latents = self._blend(latents, extra, timesteps, i, sched)
-                _check_finite(latents, "latents", i + 1, total)
-            if callback is not None and callback(i, total, float(t), latents) is False:
-                raise Cancelled(f"cancelled by the step callback at step {i + 1}/{total}")
-
+        latents = self._denoise(mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator,
+                                callback, timings)
         with timings("vae_decode"):
-            decoded = self.engine(VAE_DECODER)({"latent": latents / np.float32(m.vae_scaling_factor)})["images"]
-        _check_finite(decoded, "decoded image (VAE decoder)")
-        unit = to_unit(decoded)
+            decoded = self.engine(VAE_DECODER)({"latent": latents / float(np.float32(m.vae_scaling_factor))})
+        unit = to_unit(check_finite(to_host(decoded["images"]), "decoded image (VAE decoder)"))
         unet_total = sum(timings.samples.get("unet", []))
         timings.samples["loop_overhead"] = [sum(timings.samples.pop("step", [])) - unet_total]
         params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
@@ -201,14 +176,49 @@ class Pipeline:
                   "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength}
         return Result(to_uint8(unit), unit, seed, timings.summary(), params)
 
-    def _unet_feeds(self, shape, cfg: bool, conditioning: dict, extra: dict) -> dict:
-        """UNet feeds allocated once per generation: ``sample`` ([uncond; cond] halves with CFG, plus the
-        9-channel inpainting UNet's mask and masked-image latents, which stay fixed) and ``timestep``."""
-        rows = shape[0] * (2 if cfg else 1)
-        sample = np.empty((rows, self.dims.unet_in_channels) + tuple(shape[2:]), np.float32)
-        if self.dims.unet_in_channels != shape[1]:
-            sample[:, shape[1]:] = np.concatenate([extra["mask"], extra["masked_latents"]], axis=1)
-        return {"sample": sample, "timestep": np.empty(rows, np.float32), **conditioning}
+    def _denoise(self, mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator, callback,
+                 timings):
+        """The step loop, in ``self.xp``: host inputs are copied in once, the final latents stay there."""
+        xp, batch, channels = self.xp, latents.shape[0], latents.shape[1]
+        rows = batch * (2 if cfg else 1)
+        latents = xp.asarray(latents)
+        extra = {k: xp.asarray(v) for k, v in extra.items() if v is not None}
+        feeds = {**{k: xp.asarray(v) for k, v in conditioning.items()}, **self._unet_feeds(latents.shape, rows, extra)}
+        sample = feeds["sample"]
+        timestep_rows = xp.asarray(np.repeat(np.asarray(timesteps, np.float32)[:, None], rows, axis=1))
+        unet, total = self.engine(UNET), len(timesteps)
+        guard = StepGuard(xp, total)
+        for i, t in enumerate(timesteps):
+            with timings("step"):
+                # scale once per image, then write it into each CFG half of the reused UNet input
+                scaled = sched.scale_model_input(latents, t)
+                for half in range(0, rows, batch):
+                    sample[half:half + batch, :channels, ...] = scaled
+                feeds["timestep"] = timestep_rows[i, ...]
+                with timings("unet"):
+                    noise_pred = unet(feeds)["out_sample"]
+                if cfg:
+                    noise_pred = guide(noise_pred, guidance)
+                # LCMScheduler's last step returns its denoised x0 as prev_sample, so decoding the final
+                # latents equals LatentConsistencyModelPipeline decoding ``denoised``
+                latents = sched.step(noise_pred, t, latents, generator=generator).prev_sample
+                if mode == "inpaint" and self.dims.unet_in_channels == channels:
+                    latents = self._blend(latents, extra, timesteps, i, sched)
+                guard(latents, i + 1)
+            if callback is not None and callback(i, total, float(t), latents) is False:
+                raise Cancelled(f"cancelled by the step callback at step {i + 1}/{total}")
+        guard.finish()
+        return latents
+
+    def _unet_feeds(self, shape, rows: int, extra: dict) -> dict:
+        """``sample``, allocated once per generation in the loop's namespace: [uncond; cond] halves with
+        CFG, and the 9-channel inpainting UNet's fixed mask and masked-image latents after the latents."""
+        channels = shape[1]
+        sample = self.xp.empty((rows, self.dims.unet_in_channels) + tuple(shape[2:]), dtype=self.xp.float32)
+        if self.dims.unet_in_channels != channels:
+            sample[:, channels:channels + 1, ...] = extra["mask"]
+            sample[:, channels + 1:, ...] = extra["masked_latents"]
+        return {"sample": sample}
 
     def _inputs(self, mode, image, mask):
         if mode == "txt2img":
@@ -225,7 +235,7 @@ class Pipeline:
             moments = self.engine(VAE_ENCODER)({"images": pixels})
         mean, logvar = moments["mean"], moments["logvar"]
         latents = mean + np.exp(np.float32(0.5) * logvar) * generator.randn(mean.shape)
-        _check_finite(latents, "image latents (VAE encoder)")
+        check_finite(latents, "image latents (VAE encoder)")
         return np.float32(self.manifest.vae_scaling_factor) * latents
 
     def _prepare_image_latents(self, mode, image, mask, width, height, shape, strength, t0, sched, generator,
@@ -263,4 +273,4 @@ class Pipeline:
         if i < len(timesteps) - 1:
             proper = sched.add_noise(proper, extra["noise"], timesteps[i + 1])
         mask = extra["blend_mask"]
-        return ((1 - mask) * proper + mask * latents).astype(np.float32)
+        return astype((1 - mask) * proper + mask * latents, latents.dtype)

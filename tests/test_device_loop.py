@@ -1,0 +1,99 @@
+"""The denoising loop on a device array namespace, with array_api_strict standing in for cupy.
+
+Engines are wrapped to take and give array_api_strict arrays, as the TensorRT and ORT-CUDA backends take
+and give cupy arrays. The images must equal the numpy loop's, and the loop must not read device arrays
+back on the host per step: every device-to-host crossing is counted, and the count may not grow with the
+number of steps (the NaN/inf guard's per-step sums and the decoded image cross once each).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdrt.errors import NumericsError
+from sdrt.pipeline import Pipeline
+from sdrt.specs import UNET
+
+xs = pytest.importorskip("array_api_strict")
+Array = type(xs.asarray(np.zeros(1, np.float32)))
+
+CROSSINGS = ("__array__", "__float__", "__bool__", "__int__", "__index__", "__dlpack__", "__complex__")
+
+
+class DeviceEngine:
+    """A host engine seen as a device one: device feeds in, device outputs out."""
+
+    def __init__(self, engine, poison_call: int | None = None):
+        self.engine, self.poison_call, self.calls = engine, poison_call, 0
+
+    def __call__(self, feeds: dict) -> dict:
+        device = any(isinstance(v, Array) for v in feeds.values())
+        out = self.engine({k: v._array if isinstance(v, Array) else v for k, v in feeds.items()})
+        self.calls += 1
+        if self.calls == self.poison_call:
+            out = {k: np.full_like(v, np.nan) for k, v in out.items()}
+        return {k: xs.asarray(v) for k, v in out.items()} if device else out
+
+
+@pytest.fixture
+def crossings(monkeypatch):
+    """Counts every conversion of an array_api_strict array to a host value."""
+    counts = {"n": 0}
+    for name in CROSSINGS:
+        original = getattr(Array, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Array, name, counted)
+    return counts
+
+
+def device_pipeline(engine_dir, **poison) -> Pipeline:
+    pipe = Pipeline(engine_dir, xp=xs)
+    for name in list(pipe.manifest.specs.components):
+        pipe._engines[name] = DeviceEngine(pipe.engine(name), **(poison if name == UNET else {}))
+    return pipe
+
+
+def picture(width: int, height: int):
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([x * 3 % 256, y * 5 % 256, (x + y) % 256], -1).astype(np.uint8))
+
+
+def mask(width: int, height: int):
+    from PIL import Image
+
+    m = np.zeros((height, width), np.uint8)
+    m[height // 4: 3 * height // 4, width // 3:] = 255
+    return Image.fromarray(m)
+
+
+CASES = [("txt2img", "PNDMScheduler"), ("txt2img", "Euler a"), ("txt2img", "DPM++ 2M Karras"),
+         ("img2img", "DDIM"), ("inpaint", "UniPC")]
+
+
+@pytest.mark.parametrize("mode,scheduler", CASES)
+def test_device_loop_equals_host_loop_without_per_step_readback(tiny_engine_dir, crossings, mode, scheduler):
+    host, device = Pipeline(tiny_engine_dir), device_pipeline(tiny_engine_dir)
+    args = {"txt2img": (), "img2img": (picture(96, 64),), "inpaint": (picture(96, 64), mask(96, 64))}[mode]
+    counts = []
+    for steps in (3, 6):
+        options = dict(steps=steps, guidance=5.0, seed=11, width=96, height=64, scheduler=scheduler, batch=2,
+                       negative_prompt="blurry")
+        want = getattr(host, mode)(*args, "a red fox", **options)
+        before = crossings["n"]
+        got = getattr(device, mode)(*args, "a red fox", **options)
+        counts.append(crossings["n"] - before)
+        np.testing.assert_allclose(got.unit_images, want.unit_images, rtol=0, atol=1e-6)
+    assert counts[0] == counts[1] <= 2, f"device-to-host crossings per generation: {counts}"
+
+
+def test_device_nan_guard_names_the_step(tiny_engine_dir, crossings):
+    device = device_pipeline(tiny_engine_dir, poison_call=3)
+    with pytest.raises(NumericsError, match=r"latents at step 3/5"):
+        device.txt2img("a cat", steps=5, guidance=1.0, seed=0, width=64, height=64, scheduler="Euler")
