@@ -30,7 +30,7 @@ def loop_namespace(backend: str, requested=None):
 
             return cupy
         except ImportError:
-            log.info("cupy is not installed: the %s loop runs on host arrays (pip install cupy-cuda12x to keep "
+            log.debug("cupy is not installed: the %s loop runs on host arrays (pip install cupy-cuda12x to keep "
                      "latents on the GPU)", backend)
     return np
 

@@ -49,6 +49,7 @@ class BenchConfig:
     negative_prompt: str = "blurry, low quality"
     compare_diffusers: str | None = None
     sweep: bool = False
+    backend: str = "ort-cpu"
     points: list = field(default_factory=list)
 
 
@@ -81,11 +82,12 @@ class SdrtSystem:
 
     def load(self, request: dict) -> None:
         from sdrt.pipeline import Pipeline
-        from sdrt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+        from sdrt.specs import VAE_ENCODER
 
-        self.pipe = Pipeline(request["engines"], threads=request["threads"])
-        for name in (TEXT_ENCODER, UNET, VAE_DECODER) + ((VAE_ENCODER,) if request["mode"] == "img2img" else ()):
-            self.pipe.engine(name)
+        self.pipe = Pipeline(request["engines"], backend=request.get("backend", "ort-cpu"), threads=request["threads"])
+        for name in self.pipe.manifest.specs.components:  # every text encoder too (SDXL has two)
+            if name != VAE_ENCODER or request["mode"] == "img2img":
+                self.pipe.engine(name)
 
     def run(self, r: dict) -> dict:
         options = dict(negative_prompt=r["negative_prompt"], steps=r["steps"], guidance=r["guidance"], seed=r["seed"],
@@ -227,7 +229,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         for name, module, source in systems:
             log.info("%s: cold start (fresh process, load, first %dx%d run)", name, *points[0][:2])
             worker = workers[name] = Worker(name, module, threads)
-            load = worker.ask("load", engines=source, model=source, threads=threads, mode=cfg.mode)
+            load = worker.ask("load", engines=source, model=source, threads=threads, mode=cfg.mode,
+                              backend=cfg.backend)
             loaded = time.perf_counter()
             first_run = worker.ask("run", **first)
             cold[name] = {"process_start_s": worker.process_start, "load_s": load["seconds"],
@@ -266,7 +269,7 @@ def cmd_bench(args) -> dict:
     cfg = BenchConfig(engines=args.engines, width=args.width, height=args.height, steps=args.steps, batch=args.batch,
                       scheduler=args.scheduler, guidance=args.guidance, runs=args.runs, warmup=args.warmup,
                       threads=args.threads, mode=args.mode, strength=args.strength, seed=args.seed,
-                      compare_diffusers=args.compare_diffusers, sweep=args.sweep)
+                      compare_diffusers=args.compare_diffusers, sweep=args.sweep, backend=args.backend)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise InputError(f"--plot must name a .png file, got {args.plot}")
     report = run_bench(cfg)

@@ -89,6 +89,14 @@ def _add_size_range(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=4, help="most images per prompt")
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    from sdrt.backends import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
+                   help="what runs the components: the exported ONNX (or the graphs `sdrt build-engines` optimized "
+                        "for this backend) on ONNX Runtime, or TensorRT engines built by `sdrt build-engines`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrt", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -141,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scheduler", default=None, help="e.g. 'Euler a', 'DPM++ 2M Karras', DDIM")
         p.add_argument("--batch", type=int, default=1, help="images per prompt")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        _add_backend(p)
         if mode != "txt2img":
             p.add_argument("--image", required=True)
             p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else None,
@@ -178,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="timed runs per system and point")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system and point before them")
     p.add_argument("--threads", type=int, default=None, help="threads for every system (default: usable cores)")
+    _add_backend(p)
     p.add_argument("--compare-diffusers", metavar="MODEL_DIR", default=None,
                    help="also run the diffusers pipeline from this folder, alternating runs (needs torch)")
     p.add_argument("--sweep", action="store_true", help="resolutions 256/384/512 x batch 1/2/4 (within the artifact)")

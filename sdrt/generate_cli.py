@@ -35,7 +35,7 @@ def run(args) -> dict:
     if args.mode == "inpaint":
         extra["mask"] = load_image(args.mask, "mask")
         check_same_size(extra["image"], extra["mask"])
-    pipe = Pipeline(args.engines, threads=args.threads)
+    pipe = Pipeline(args.engines, backend=args.backend, threads=args.threads)
     bars = []  # opened at the first step, so a request refused up front prints only its error line
 
     def on_step(i, total, t, latents):
