@@ -251,3 +251,25 @@ def test_full_size_param_counts_on_meta(arch, counts):
                 transformers.CLIPTextConfig(**config["text_encoder_2"]))
     assert {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()} == counts
     assert all(p.is_meta for m in modules.values() for p in m.parameters())
+
+
+@pytest.mark.parametrize("arch", EXPORTED)
+def test_tensorrt_rtx_build_matches_the_family_specs(families, arch, tmp_path):
+    """Each family builds with TensorRT-RTX ahead of time (no GPU): engines for every component its specs name,
+    each recorded with the profile and I/O dtypes of its spec (SDXL: text_encoder_2, text_embeds, time_ids;
+    LCM: timestep_cond; 9-channel inpaint UNet)."""
+    pytest.importorskip("tensorrt_rtx", reason="needs tensorrt_rtx (pip install tensorrt-rtx; part of the test extra)")
+    from sdrt.manifest import load_manifest
+    from sdrt_export.build_engines import build_engines
+
+    model, engines = families(arch)
+    out = shutil.copytree(engines, tmp_path / "e")
+    summary = build_engines(model, out, "tensorrt-rtx", sizes=SizeRange(64, 64, 128, 2), progress=False)
+    manifest = load_manifest(out)
+    assert sorted(summary["built"]) == sorted(manifest.specs.components)
+    records = manifest.engines("tensorrt-rtx")["components"]
+    for spec in manifest.specs:
+        record = records[spec.name]
+        assert {n: t["dtype"] for n, t in record["io"].items()} == {t.name: t.dtype for t in spec.tensors}
+        assert record["profile"] == {k: [list(s) for s in v] for k, v in spec.profile(manifest.sizes).items()}
+        manifest.verified_engine("tensorrt-rtx", spec.name)
