@@ -25,7 +25,7 @@ import torch
 import sdrt
 from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, SdrtError
 from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manifest, sha256_file, write_json_atomic
-from sdrt.specs import ComponentSpec, SizeRange, build_specs
+from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build_specs
 from sdrt_export import fp16, graph
 from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
 from sdrt_export.wrappers import SDXL_PIPELINES, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
@@ -147,8 +147,16 @@ def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: Si
     seconds = time.perf_counter() - start
     log.info("%s: exported and checked in %.1f s (export %.1f s), relative L2 error %.2e",
              spec.name, seconds, exported - start, error)
-    return {"files": files, "seconds": round(seconds, 2), "check_error": error,
+    return {"files": files, "precision": precision, "seconds": round(seconds, 2), "check_error": error,
             "check_shapes": check_points(sizes, spec), "extra": extra}
+
+
+def component_precision(name: str, precision: str, force_upcast: bool) -> str:
+    """The precision one component is exported in: fp16 exports keep the VAE in fp32 where diffusers' XL
+    pipelines upcast it (``force_upcast``: the SDXL VAE overflows fp16 to black/NaN images)."""
+    if precision == "fp16" and force_upcast and name in (VAE_DECODER, VAE_ENCODER):
+        return "fp32"
+    return precision
 
 
 # --- folder-level steps ------------------------------------------------------------------------------
@@ -219,6 +227,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
     # everything the manifest needs from the model folder is read now, not after minutes of export
     scheduler = read_json(model_dir / "scheduler" / "scheduler_config.json")
     vae_config = read_json(model_dir / "vae" / "config.json")
+    force_upcast = dims.has_text_encoder_2 and bool(vae_config.get("force_upcast", True))
     index = read_json(model_dir / "model_index.json")
     tokenizer_dir = model_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file() and not all(
@@ -239,7 +248,8 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         bar = tqdm(list(specs), desc="export", unit="component", disable=not progress, leave=False)
         for spec in bar:
             bar.set_postfix_str(spec.name)
-            result = export_component(model_dir, spec, work, sizes, opset, precision)
+            result = export_component(model_dir, spec, work, sizes, opset,
+                                      component_precision(spec.name, precision, force_upcast))
             components[spec.name] = result
             timings[spec.name] = result["seconds"]
         bar.close()
@@ -264,7 +274,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                 spec.name: {
                     "files": [file_record(work, name) for name in components[spec.name]["files"]],
                     "format": "onnx",
-                    "precision": precision,
+                    "precision": components[spec.name]["precision"],
                     **components[spec.name]["extra"],
                     "inputs": spec.input_names,
                     "outputs": spec.output_names,
@@ -281,7 +291,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
             # force_upcast: the SDXL pipelines run this VAE in fp32 (it overflows in fp16)
             "vae": {"scaling_factor": float(vae_config.get("scaling_factor") or 0.18215),
                     "shift_factor": vae_config.get("shift_factor"),
-                    "force_upcast": dims.has_text_encoder_2 and bool(vae_config.get("force_upcast", True))},
+                    "force_upcast": force_upcast},
             "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
         }
         write_json_atomic(work / MANIFEST_NAME, manifest)
