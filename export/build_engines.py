@@ -193,13 +193,13 @@ def _build_ort(backend, settings, manifest, spec, folder: Path) -> tuple:
     onnx_path = manifest.verified_path(spec.name)
     work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=folder))
     try:
-        names = ort_optimize.optimize(onnx_path, work, spec.name, settings,
-                                      external=len(manifest.component(spec.name)["files"]) > 1)
+        names, fields = ort_optimize.optimize(onnx_path, work, spec.name, settings,
+                                              external=len(manifest.component(spec.name)["files"]) > 1)
         for name in reversed(names):  # external data first, the graph that points at it last
             os.replace(work / name, folder / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return [f"{backend}/{name}" for name in names], {}
+    return [f"{backend}/{name}" for name in names], fields
 
 
 def build_engines(model, out, backend: str, sizes: SizeRange | None = None, static=None, builder_level: int = 3,

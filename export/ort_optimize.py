@@ -6,6 +6,13 @@ ORT_ENABLE_EXTENDED (fusions into ONNX Runtime's contrib ops for the CPU provide
 EXTENDED with the CUDA provider when onnxruntime-gpu is installed and otherwise the hardware-neutral
 BASIC level, since fusions made for the CPU provider would pin nodes to it. The level and providers
 are recorded with each graph.
+
+ort-cpu graphs also get diffusers' attention rewritten into ONNX Runtime's fused CPU
+``com.microsoft::MultiHeadAttention`` kernel (``attention_fusion.py``) before ORT's optimizer runs
+(its MatMul+Mul fusions would otherwise hide the pattern). This happens here, not in ``sdrt export``:
+the exported ONNX stays standard ONNX for TensorRT and other runtimes, while this graph is already
+ONNX Runtime's own and tied to its version, and it is derived from the recorded ONNX (no torch, no
+second export), so the ``onnx_sha256`` in its record still says what it was built from.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_MIN_BYTES = 1024  # initializers at least this big go to the .data file of a large graph
+ATTENTION_FUSION = "com.microsoft.MultiHeadAttention"
 
 
 def plan(backend: str) -> dict:
@@ -26,14 +34,17 @@ def plan(backend: str) -> dict:
         level, providers = "ORT_ENABLE_EXTENDED", ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif backend == "ort-cuda":
         level, providers = "ORT_ENABLE_BASIC", ["CPUExecutionProvider"]
-    else:
+    else:  # a record without attention_fusion (an older build) is rebuilt, since it no longer matches
         level, providers = "ORT_ENABLE_EXTENDED", ["CPUExecutionProvider"]
-    return {"flavour": "onnxruntime", "version": ort.__version__, "optimization_level": level,
-            "providers": providers}
+    settings = {"flavour": "onnxruntime", "version": ort.__version__, "optimization_level": level,
+                "providers": providers}
+    return {**settings, "attention_fusion": ATTENTION_FUSION} if backend == "ort-cpu" else settings
 
 
-def optimize(src: Path, dst_dir: Path, name: str, settings: dict, external: bool) -> list[str]:
-    """Write ``dst_dir/name.onnx`` (+ ``name.onnx.data`` when ``external``); return the file names."""
+def optimize(src: Path, dst_dir: Path, name: str, settings: dict, external: bool) -> tuple[list[str], dict]:
+    """Write ``dst_dir/name.onnx`` (+ ``name.onnx.data`` when ``external``); return the file names and
+    the record fields this step adds (how many attention blocks were fused, when fusion is planned)."""
+    model, fields = str(src), {}
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["optimization_level"])
     options.optimized_model_filepath = str(dst_dir / f"{name}.onnx")
@@ -44,6 +55,23 @@ def optimize(src: Path, dst_dir: Path, name: str, settings: dict, external: bool
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", files[1])
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          str(EXTERNAL_DATA_MIN_BYTES))
-    session = ort.InferenceSession(str(src), options, providers=settings["providers"])
+    if settings.get("attention_fusion") == ATTENTION_FUSION:
+        fused, fields["fused_attention"] = _fused_attention(src)
+        if fused is not None:  # from memory; its external initializers are still read beside ``src``
+            model = fused
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent))
+    session = ort.InferenceSession(model, options, providers=settings["providers"])
     del session
-    return [f for f in files if (dst_dir / f).is_file()]
+    return [f for f in files if (dst_dir / f).is_file()], fields
+
+
+def _fused_attention(src: Path) -> tuple[bytes | None, int]:
+    """The serialized graph of ``src`` with its attention fused (None when nothing matched) and the
+    number of blocks fused; external weights are not loaded, the graph keeps pointing at them."""
+    import onnx
+
+    from sdrt_export.attention_fusion import fuse_attention
+
+    fused, count = fuse_attention(onnx.load(str(src), load_external_data=False))
+    log.info("%s: %d attention block(s) fused into %s", src.stem, count, ATTENTION_FUSION)
+    return (fused.SerializeToString() if count else None), count
