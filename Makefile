@@ -24,6 +24,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/sdrt make-model $(MODEL) --arch tiny --seed 0 --force
 	$(BIN)/sdrt export --model $(MODEL) --out $(ENGINES) --min-size 64 --max-size 512 --max-batch 2 --force
+	$(BIN)/sdrt build-engines --model $(MODEL) --out $(ENGINES) --backend ort-cpu
 	$(BIN)/sdrt txt2img --engines $(ENGINES) --prompt "a photo of a cat" --steps 20 --seed 42 \
 		--width 256 --height 256 --out $(OUTDIR)/cat.png
 

@@ -123,8 +123,8 @@ def _sd(unet, vae, text, scheduler=SCHEDULER, tokenizer=TOKENIZER_CONFIG, pipeli
             "tokenizer": tokenizer}
 
 
-def _sdxl(unet, vae, text, text_2, pipeline="StableDiffusionXLPipeline"):
-    return {**_sd(unet, vae, text, SDXL_SCHEDULER, pipeline=pipeline),
+def _sdxl(unet, vae, text, text_2, pipeline="StableDiffusionXLPipeline", scheduler=SDXL_SCHEDULER):
+    return {**_sd(unet, vae, text, scheduler, pipeline=pipeline),
             "text_encoder_2": text_2, "tokenizer_2": OPENCLIP_TOKENIZER_CONFIG}
 
 
@@ -151,6 +151,9 @@ ARCHS: dict[str, dict] = {
     "sdxl": _sdxl(SDXL_UNET, {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
                   SD15_TEXT, SDXL_TEXT_2),
     "tiny-sdxl": _sdxl(TINY_SDXL_UNET, TINY_SDXL_VAE, {**SD15_TEXT, **TINY_TEXT}, {**SDXL_TEXT_2, **TINY_TEXT}),
+    # SDXL-Turbo: the SDXL layout with Euler a on trailing timesteps (1-4 steps, guidance 0)
+    "tiny-sdxl-turbo": _sdxl(TINY_SDXL_UNET, TINY_SDXL_VAE, {**SD15_TEXT, **TINY_TEXT}, {**SDXL_TEXT_2, **TINY_TEXT},
+                             scheduler=TURBO_SCHEDULER),
     # diffusers/stable-diffusion-xl-1.0-inpainting-0.1's layout: 9-channel UNet, StableDiffusionXLInpaintPipeline
     "tiny-sdxl-inpaint": _sdxl({**TINY_SDXL_UNET, "in_channels": 9}, TINY_SDXL_VAE, {**SD15_TEXT, **TINY_TEXT},
                                {**SDXL_TEXT_2, **TINY_TEXT}, pipeline="StableDiffusionXLInpaintPipeline"),

@@ -109,13 +109,14 @@ def _text_config(path: Path, supported: tuple[str, ...]) -> dict:
 
 
 def detect_family(pipeline: str, unet: dict, text: dict, scheduler: dict) -> str:
-    """sd15 | sd2 | sd-turbo | lcm | sdxl from model_index's class and the configs (no user flag)."""
+    """sd15 | sd2 | sd-turbo | lcm | sdxl | sdxl-turbo from model_index's class and the configs (no user flag)."""
+    turbo = scheduler.get("timestep_spacing") == "trailing"  # SD-Turbo / SDXL-Turbo ship trailing Euler a
     if pipeline in SDXL_PIPELINES:
-        return "sdxl"
+        return "sdxl-turbo" if turbo else "sdxl"
     if unet.get("time_cond_proj_dim") or pipeline == "LatentConsistencyModelPipeline":
         return "lcm"
     if text.get("hidden_size") == 1024 or text.get("hidden_act") == "gelu":  # OpenCLIP-H (SD2.x)
-        return "sd-turbo" if scheduler.get("timestep_spacing") == "trailing" else "sd2"
+        return "sd-turbo" if turbo else "sd2"
     return "sd15"
 
 

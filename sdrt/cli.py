@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-model", help="write a random-weight diffusers pipeline folder")
     p.add_argument("out_dir")
-    p.add_argument("--arch", default="tiny", help="tiny (fast tests), tiny-inpaint (9-channel UNet), sd15 (real shapes)")
+    p.add_argument("--arch", default="tiny",
+                   help="tiny (fast tests), tiny-inpaint, tiny-sd2, tiny-sd2-base, tiny-sd-turbo, tiny-lcm, tiny-sdxl, "
+                        "tiny-sdxl-turbo, tiny-sdxl-inpaint; sd15, sd2, sdxl (real shapes, random weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     p.set_defaults(func=cmd_make_model)

@@ -7,8 +7,9 @@ base 4-channel UNet and a 9-channel inpainting UNet): image max abs <= 1e-4 vs d
 for each family's own scheduler config and a couple of others, square and non-square, batch 1 and 2.
 
 To keep this file near three minutes on two cores, tiny-sd2-base and tiny-sd-turbo reuse tiny-sd2's
-exported engines (the three archs share configs and seed, so their weights are byte-identical; the
-test checks that) with the manifest's scheduler and family set from their own model folders.
+exported engines and tiny-sdxl-turbo reuses tiny-sdxl's (each shares configs and seed with its base, so
+their weights are byte-identical; the test checks that) with the manifest's scheduler and family set
+from their own model folders.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ transformers = pytest.importorskip("transformers")
 BOUND = 1e-4
 PROMPT = "a photo of a cat sitting on a red sofa"
 EXPORTED = ("tiny-sd2", "tiny-lcm", "tiny-sdxl", "tiny-sdxl-inpaint")
-SHARES_SD2_WEIGHTS = ("tiny-sd2-base", "tiny-sd-turbo")
+# archs that differ from an exported one only in the scheduler config: same configs and seed, same weights
+SHARES_WEIGHTS = {"tiny-sd2-base": "tiny-sd2", "tiny-sd-turbo": "tiny-sd2", "tiny-sdxl-turbo": "tiny-sdxl"}
 
 
 def picture(width: int, height: int, seed: int = 0):
@@ -74,9 +76,9 @@ def families(tmp_path_factory):
             if arch in EXPORTED:
                 export_model(model, engines, sizes=SizeRange(64, 64, 128, 2), progress=False)
             else:
-                sd2_model, sd2_engines = get("tiny-sd2")
-                assert _weights_hash(model) == _weights_hash(sd2_model)
-                shutil.copytree(sd2_engines, engines)
+                base_model, base_engines = get(SHARES_WEIGHTS[arch])
+                assert _weights_hash(model) == _weights_hash(base_model)
+                shutil.copytree(base_engines, engines)
                 manifest = json.loads((engines / "manifest.json").read_text())
                 manifest["scheduler"] = read_json(model / "scheduler" / "scheduler_config.json")
                 manifest["family"] = manifest["dims"]["family"] = dims_from_model(model).family
@@ -127,6 +129,9 @@ CASES = [
     ("tiny-sdxl", "Euler a", dict(width=64, height=96)),
     ("tiny-sdxl", "DPM++ 2M Karras", dict(NON_SQUARE_B2, negative_prompt="ugly", steps=4)),
     ("tiny-sdxl", "DDIM", dict(guidance=1.0)),
+    # SDXL-Turbo: Euler a, trailing, guidance 0 (batch 1 UNet calls), 1-4 steps
+    ("tiny-sdxl-turbo", None, dict(steps=1, guidance=0.0)),
+    ("tiny-sdxl-turbo", None, dict(NON_SQUARE_B2, steps=4, guidance=0.0, seed=5)),
 ]
 
 
@@ -209,6 +214,7 @@ def test_lcm_guidance_changes_image(families):
     ("tiny-sdxl", "sdxl", {"text_2_hidden_size": 32, "text_embeds_dim": 32, "time_ids_dim": 6,
                            "cross_attention_dim": 64}),
     ("tiny-sdxl-inpaint", "sdxl", {"unet_in_channels": 9, "text_2_hidden_size": 32, "time_ids_dim": 6}),
+    ("tiny-sdxl-turbo", "sdxl-turbo", {"text_2_hidden_size": 32, "time_ids_dim": 6}),
 ])
 def test_family_in_manifest(families, arch, family, extra):
     sd = Pipeline(families(arch)[1])
@@ -216,9 +222,10 @@ def test_family_in_manifest(families, arch, family, extra):
     assert {k: getattr(sd.dims, k) for k in extra} == extra
     names = sd.manifest.specs["unet"].input_names
     assert ("timestep_cond" in names) == (family == "lcm")
-    assert ("text_embeds" in names and "time_ids" in names) == (family == "sdxl")
-    assert sd.manifest.has("text_encoder_2") == (family == "sdxl")
-    assert sd.manifest.data["vae"]["force_upcast"] == (family == "sdxl")
+    sdxl = family.startswith("sdxl")
+    assert ("text_embeds" in names and "time_ids" in names) == sdxl
+    assert sd.manifest.has("text_encoder_2") == sdxl
+    assert sd.manifest.data["vae"]["force_upcast"] == sdxl
     pad = sd.conditioner.tokenizers[-1].pad_id
     assert pad == (0 if family != "lcm" else 49407)  # OpenCLIP tokenizers pad with "!" (id 0)
 
