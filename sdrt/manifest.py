@@ -222,15 +222,20 @@ def _validate(data: dict) -> None:
                 or not isinstance(entry["files"], list):
             raise ValueError(f"bad component entry {name!r}")
         for record in entry["files"]:
-            if not isinstance(record, dict):
-                raise ValueError(f"component {name} has a file entry that is not a JSON object")
-            relpath = record["path"]
-            if not isinstance(relpath, str) or Path(relpath).is_absolute() or ".." in Path(relpath).parts:
-                raise ValueError(f"component {name} file path {relpath!r} is not inside the artifact")
-            if not isinstance(record["sha256"], str):
-                raise ValueError(f"component {name} file {relpath} has no sha256")
-            int(record["size"])
+            _validate_file(record, f"component {name}")
     _validate_engines(data.get(ENGINES_KEY, {}))
+
+
+def _validate_file(record, owner: str) -> None:
+    """One file record: a JSON object whose path lies inside the artifact, with a sha256 and a size."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{owner} has a file entry that is not a JSON object")
+    relpath = record["path"]
+    if not isinstance(relpath, str) or Path(relpath).is_absolute() or ".." in Path(relpath).parts:
+        raise ValueError(f"{owner} file path {relpath!r} is not inside the artifact")
+    if not isinstance(record["sha256"], str):
+        raise ValueError(f"{owner} file {relpath} has no sha256")
+    int(record["size"])
 
 
 def _validate_engines(engines) -> None:
@@ -243,12 +248,7 @@ def _validate_engines(engines) -> None:
             raise ValueError(f"{ENGINES_KEY}.{backend} has no components object")
         for name, record in components.items():
             files = record.get("files") if isinstance(record, dict) else None
-            if not files or not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            if not files or not isinstance(files, list):
                 raise ValueError(f"{backend} engine {name} has no file list")
             for file in files:
-                relpath = file["path"]
-                if not isinstance(relpath, str) or Path(relpath).is_absolute() or ".." in Path(relpath).parts:
-                    raise ValueError(f"{backend} engine {name} path {relpath!r} is not inside the artifact")
-                if not isinstance(file["sha256"], str):
-                    raise ValueError(f"{backend} engine {name} file {relpath} has no sha256")
-                int(file["size"])
+                _validate_file(file, f"{backend} engine {name}")

@@ -6,6 +6,18 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def cupy():
+    """cupy with a usable CUDA device (the GPU loop's namespace); skips, saying why, where there is none."""
+    try:
+        import cupy
+
+        cupy.zeros(1).sum().get()
+    except Exception:  # not installed, or no driver / device
+        pytest.skip("needs cupy and an NVIDIA GPU; none here")
+    return cupy
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random-weight tiny SD pipeline folder (seed 0), built once per session. Do not modify it."""
     from sdrt_export.make_model import make_model

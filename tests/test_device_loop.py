@@ -99,40 +99,25 @@ def test_device_nan_guard_names_the_step(tiny_engine_dir, crossings):
         device.txt2img("a cat", steps=5, guidance=1.0, seed=0, width=64, height=64, scheduler="Euler")
 
 
-def _cupy():
-    """cupy with a usable CUDA device, or None."""
-    try:
-        import cupy
-
-        cupy.zeros(1).sum().get()
-        return cupy
-    except Exception:  # not installed, or no driver / device
-        return None
-
-
-CUPY = _cupy()
-
-
 class CupyEngine:
     """A host (ORT CPU) engine fed and read as a GPU backend is: cupy in, cupy out."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, cupy):
+        self.engine, self.cupy = engine, cupy
 
     def __call__(self, feeds: dict) -> dict:
         device = any(hasattr(v, "__cuda_array_interface__") for v in feeds.values())
         out = self.engine({k: v.get() if hasattr(v, "__cuda_array_interface__") else v for k, v in feeds.items()})
-        return {k: CUPY.asarray(v) for k, v in out.items()} if device else out
+        return {k: self.cupy.asarray(v) for k, v in out.items()} if device else out
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(CUPY is None, reason="needs cupy and an NVIDIA GPU; none here")
 @pytest.mark.parametrize("mode,scheduler", CASES)
-def test_cupy_loop_equals_host_loop(tiny_engine_dir, mode, scheduler):
+def test_cupy_loop_equals_host_loop(cupy, tiny_engine_dir, mode, scheduler):
     """The same loop with latents, feeds and scheduler state as cupy arrays on the GPU."""
-    host, device = Pipeline(tiny_engine_dir), Pipeline(tiny_engine_dir, xp=CUPY)
+    host, device = Pipeline(tiny_engine_dir), Pipeline(tiny_engine_dir, xp=cupy)
     for name in list(device.manifest.specs.components):
-        device._engines[name] = CupyEngine(device.engine(name))
+        device._engines[name] = CupyEngine(device.engine(name), cupy)
     args = {"txt2img": (), "img2img": (picture(96, 64),), "inpaint": (picture(96, 64), mask(96, 64))}[mode]
     options = dict(steps=4, guidance=5.0, seed=11, width=96, height=64, scheduler=scheduler, batch=2)
     want = getattr(host, mode)(*args, "a red fox", **options)

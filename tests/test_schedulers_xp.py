@@ -125,23 +125,10 @@ def test_same_on_array_api_strict(case):
     check_same(*case)
 
 
-def _cupy():
-    try:
-        import cupy
-
-        cupy.zeros(1).sum().get()
-        return cupy
-    except Exception:  # not installed, or no driver / device
-        return None
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_same_on_cupy(case):
+def test_same_on_cupy(cupy, case):
     """The GPU loop's scheduler path for real: cupy arrays on the device (``make gpu-test``)."""
-    cupy = _cupy()
-    if cupy is None:
-        pytest.skip("needs cupy and an NVIDIA GPU; none here")
     check_same(*case, other=cupy)
 
 
