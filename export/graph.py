@@ -4,10 +4,14 @@
 constants (Polygraphy's ``fold_constants``, which runs ONNX-GraphSurgeon's folder through ONNX
 Runtime), removes dead nodes and sorts the graph (``cleanup().toposort()``), infers shapes and saves
 the result: a single file for small models, or ``NAME.onnx`` plus ONE ``NAME.onnx.data`` file for
-models over the protobuf limit. Nothing here serializes a >2 GB ``ModelProto`` in one piece:
-Polygraphy's shape inference goes through a temporary file above its 2 GB threshold, constant
-folding is skipped (with a log line) if ONNX Runtime cannot evaluate a partition, and the final save
-moves the weights to the external data file before serializing.
+models over the protobuf limit.
+
+A source with external data (torch writes one file per weight above 2 GB) is cleaned without reading
+its weights: the graph is loaded with the weights left external (ONNX-GraphSurgeon keeps such tensors
+lazy), folding evaluates what it can without them (partitions that need a weight are skipped), and
+the save streams each weight from its source file into the one data file, page-aligned so ONNX Runtime
+can memory-map it. Loading every weight here held four copies of them at once (proto, GraphSurgeon,
+the folding session, the re-export: 15 GiB for SD1.5's 3.4 GB UNet; benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -44,14 +48,19 @@ def clean_up(src: Path, dst: Path, external_data_threshold: int | None = None) -
     import onnx_graphsurgeon as gs
     import onnxruntime
     from polygraphy.backend.onnx import fold_constants, infer_shapes
+    from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
     from polygraphy.logger import G_LOGGER
 
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     onnxruntime.set_default_logger_severity(3)  # folding runs ORT sessions; keep their warnings quiet
-    model = onnx.load(str(src), load_external_data=True)
+    model = onnx.load(str(src), load_external_data=False)
+    weightless = has_external_data(model)
     before = len(model.graph.node)
+    gs_severity, GS_LOGGER.severity = GS_LOGGER.severity, GS_LOGGER.CRITICAL  # per-partition folding failures
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        model = fold_constants(model, num_passes=3, do_shape_inference=True, partitioning="basic",
+        # weightless: a partition that needs a weight fails to evaluate; "recursive" skips just that one
+        model = fold_constants(model, num_passes=3, do_shape_inference=True,
+                               partitioning="recursive" if weightless else "basic",
                                size_threshold=FOLD_SIZE_THRESHOLD, allow_onnxruntime_shape_inference=False,
                                error_ok=True)
         graph = gs.import_onnx(model)
@@ -60,8 +69,50 @@ def clean_up(src: Path, dst: Path, external_data_threshold: int | None = None) -
         model = gs.export_onnx(graph, do_type_check=False)
         del graph
         model = infer_shapes(model, error_ok=True, allow_onnxruntime=False)
+    GS_LOGGER.severity = gs_severity
     log.debug("%s: %d -> %d nodes after folding and clean-up", src.name, before, len(model.graph.node))
+    if weightless:
+        return save_streaming(model, src.parent, dst)
     return save(model, dst, external=initializer_bytes(model) > threshold)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def save_streaming(model: onnx.ModelProto, base: Path, dst: Path, align: int = 4096) -> list[str]:
+    """Save ``model``, whose weights are external files under ``base``, as ``dst`` + ONE data file: each
+    weight is copied across on its own (plus any large folded tensor held in the proto), at offsets
+    aligned to ``align`` bytes. Returns the file names, the main ``.onnx`` first."""
+    location = dst.name + ".data"
+    with open(dst.parent / location, "wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                data = _read_external(base, {e.key: e.value for e in tensor.external_data})
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                data = tensor.raw_data
+            else:
+                continue
+            out.write(b"\0" * (-out.tell() % align))
+            offset = out.tell()
+            out.write(data)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(model, str(dst))
+    return [dst.name, location]
+
+
+def _read_external(base: Path, info: dict) -> bytes:
+    path = (base / info["location"]).resolve()
+    if base.resolve() not in path.parents:
+        raise ValueError(f"external data {info['location']!r} lies outside {base}")
+    with open(path, "rb") as handle:
+        handle.seek(int(info.get("offset", 0)))
+        return handle.read(int(info["length"])) if "length" in info else handle.read()
 
 
 def save(model: onnx.ModelProto, dst: Path, external: bool) -> list[str]:

@@ -307,3 +307,31 @@ def test_force_replaces_with_external_data(tiny_model_dir, tmp_path, monkeypatch
         feeds = _inputs(specs[name], 1, 64, 72, np.random.default_rng(0))
         assert all(np.isfinite(o).all() for o in session.run(None, feeds))
     assert summary["total_seconds"] > 0 and summary["exporter"] == manifest.data["exporter"]
+
+
+def test_clean_up_streams_external_weights(tiny_engine_dir, tmp_path, monkeypatch):
+    """A source with one file per weight (torch's layout above 2 GB) is cleaned without loading its weights
+    and saved as the graph + ONE page-aligned data file that runs exactly like the source."""
+    from sdrt_export import graph
+
+    spec = load_manifest(tiny_engine_dir).specs["unet"]
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir(), out.mkdir()
+    onnx.save_model(onnx.load(str(tiny_engine_dir / "unet.onnx")), str(raw / "unet.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list(raw.iterdir())) > 20
+    loads = []
+    monkeypatch.setattr(onnx, "load_external_data_for_model", lambda *a, **k: loads.append(a))
+    monkeypatch.chdir(tmp_path)  # external paths must resolve beside the source, not the working directory
+    files = graph.clean_up(raw / "unet.onnx", out / "unet.onnx")
+    assert files == ["unet.onnx", "unet.onnx.data"] and sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert loads == []  # the weights were never loaded as a whole
+    model = onnx.load(str(out / "unet.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            assert info["location"] == "unet.onnx.data" and int(info["offset"]) % 4096 == 0
+    feeds = _inputs(spec, 2, 64, 88, np.random.default_rng(5))
+    want = _session(tiny_engine_dir / "unet.onnx").run(None, feeds)
+    got = _session(out / "unet.onnx").run(None, feeds)
+    np.testing.assert_array_equal(got[0], want[0])
