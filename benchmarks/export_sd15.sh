@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Export a random-weight SD1.5-sized pipeline (UNet 3.4 GB fp32, so the >2 GB external-data path is
 # exercised) and record wall time and peak RSS of each step in benchmarks/export_sd15.txt.
-# Needs ~15 GB RAM and ~12 GB disk under $WORK (default /tmp); run on an otherwise idle machine.
+# Needs ~6 GB RAM and ~12 GB disk under $WORK (default /tmp); run on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SDRT=${SDRT:-.venv/bin/sdrt}
