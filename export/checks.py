@@ -6,6 +6,8 @@ non-square, batch 2 square) and traces at a third (see ``trace_point``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 

@@ -47,8 +47,8 @@ def clean_up(src: Path, dst: Path, external_data_threshold: int | None = None) -
     (the main ``.onnx`` first, then its external data file if any)."""
     import onnx_graphsurgeon as gs
     import onnxruntime
-    from polygraphy.backend.onnx import fold_constants, infer_shapes
     from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
+    from polygraphy.backend.onnx import fold_constants, infer_shapes
     from polygraphy.logger import G_LOGGER
 
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
@@ -57,19 +57,21 @@ def clean_up(src: Path, dst: Path, external_data_threshold: int | None = None) -
     weightless = has_external_data(model)
     before = len(model.graph.node)
     gs_severity, GS_LOGGER.severity = GS_LOGGER.severity, GS_LOGGER.CRITICAL  # per-partition folding failures
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        # weightless: a partition that needs a weight fails to evaluate; "recursive" skips just that one
-        model = fold_constants(model, num_passes=3, do_shape_inference=True,
-                               partitioning="recursive" if weightless else "basic",
-                               size_threshold=FOLD_SIZE_THRESHOLD, allow_onnxruntime_shape_inference=False,
-                               error_ok=True)
-        graph = gs.import_onnx(model)
-        del model
-        graph.cleanup().toposort()
-        model = gs.export_onnx(graph, do_type_check=False)
-        del graph
-        model = infer_shapes(model, error_ok=True, allow_onnxruntime=False)
-    GS_LOGGER.severity = gs_severity
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+            # weightless: a partition that needs a weight fails to evaluate; "recursive" skips just that one
+            model = fold_constants(model, num_passes=3, do_shape_inference=True,
+                                   partitioning="recursive" if weightless else "basic",
+                                   size_threshold=FOLD_SIZE_THRESHOLD, allow_onnxruntime_shape_inference=False,
+                                   error_ok=True)
+            graph = gs.import_onnx(model)
+            del model
+            graph.cleanup().toposort()
+            model = gs.export_onnx(graph, do_type_check=False)
+            del graph
+            model = infer_shapes(model, error_ok=True, allow_onnxruntime=False)
+    finally:
+        GS_LOGGER.severity = gs_severity
     log.debug("%s: %d -> %d nodes after folding and clean-up", src.name, before, len(model.graph.node))
     if weightless:
         return save_streaming(model, src.parent, dst)

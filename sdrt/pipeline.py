@@ -23,7 +23,7 @@ from sdrt import schedulers
 from sdrt.arrays import StepGuard, check_finite, loop_namespace, to_host
 from sdrt.backends import open_engine
 from sdrt.conditioning import TextConditioner, uses_text_cfg
-from sdrt.errors import Cancelled, InputError, NumericsError
+from sdrt.errors import Cancelled, InputError
 from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
 from sdrt.manifest import load_manifest
