@@ -343,12 +343,22 @@ def test_api_nan_in_unet_names_stage_and_step(pipe, monkeypatch):
     assert len(calls) == 2
 
 
-def test_api_nan_step_is_counted_like_cancel(pipe, monkeypatch):
-    fake_open, _ = _inject_nan("unet", at_call=2)
+@pytest.mark.parametrize("step", [1, 3])
+def test_api_nan_step_is_counted_like_cancel(pipe, monkeypatch, step):
+    """A NaN produced by the k-th UNet call and a callback cancelling after the k-th step name the same
+    "step k/N" (1-based, same total); the callback never sees the step that went NaN."""
+    options = {**FAST, "steps": 3, "scheduler": "Euler"}
+    with pytest.raises(Cancelled) as cancelled:
+        pipe.txt2img("a cat", callback=lambda i, n, t, latents: i != step - 1, **options)
+    fake_open, calls = _inject_nan("unet", at_call=step)
     monkeypatch.setattr(pipe, "_engines", {})
     monkeypatch.setattr(sdrt.pipeline, "open_engine", fake_open)
-    with pytest.raises(NumericsError, match=r"step 2\b"):
-        pipe.txt2img("a cat", **{**FAST, "steps": 3, "scheduler": "Euler"})
+    seen = []
+    with pytest.raises(NumericsError) as nan:
+        pipe.txt2img("a cat", callback=lambda i, n, t, latents: seen.append(i), **options)
+    where = [re.search(r"step (\d+)/(\d+)", str(e.value)).groups() for e in (cancelled, nan)]
+    assert where[0] == where[1] == (str(step), "3"), (str(cancelled.value), str(nan.value))
+    assert len(calls) == step and seen == list(range(step - 1))
 
 
 def test_api_nan_in_vae_decoder(pipe, monkeypatch):
