@@ -1,0 +1,222 @@
+"""The seam between the HTTP layer and whatever runs generations.
+
+``GenRequest`` is a validated, sdrt-native request (built from A1111, OpenAI or jobs payloads);
+``GenResult`` what comes back; an ``Executor`` runs one request at a time per slot (``concurrency``).
+``LocalExecutor`` holds one in-process :class:`sdrt.pipeline.Pipeline`; the Ray executor
+(``sdrt.serve.ray_app``) implements the same protocol over Ray Serve replicas.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from sdrt.errors import Cancelled, ImageInputError, InputError
+
+log = logging.getLogger(__name__)
+
+MODES = ("txt2img", "img2img", "inpaint")
+
+# on_step(step, total) -> False to cancel; steps count over every image run of the request
+StepHook = Callable[[int, int], bool]
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation, already validated against the limits. ``seeds`` has one seed per image."""
+
+    mode: str  # "txt2img" | "img2img" | "inpaint"
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    width: int | None
+    height: int | None
+    scheduler: str | None
+    strength: float | None
+    image_png: bytes | None  # decoded, checked and re-encoded input image (any crop done by the caller)
+    mask_png: bytes | None
+    # optional, with defaults (added after the first version of the seam; keep them defaulted)
+    batch_size: int | None = None  # images per Pipeline call (A1111 batch_size); None: as many as the artifact takes
+    sampler_label: str | None = None  # the name written into the infotext ("Euler a"); None: ``scheduler``
+    infotext_extra: tuple[tuple[str, str], ...] = ()  # more "Key: value" fields for the infotext
+
+    @property
+    def count(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class GenResult:
+    images: list[bytes]  # PNG bytes with the A1111 ``parameters`` text chunk
+    infotexts: list[str]
+    seeds: list[int]
+    width: int
+    height: int
+    timings: dict  # seconds per stage (summed over the runs of the request)
+    replica: str  # replica id (X-Sdrt-Replica header)
+
+
+class Executor(Protocol):
+    concurrency: int  # generations that may run at once (1 local; N replicas for Ray)
+    manifest_info: dict  # see ``manifest_info()``: what /sd-models and /readyz need
+
+    def ready(self) -> bool: ...
+
+    def generate(self, req: GenRequest, on_step: StepHook) -> GenResult:
+        """Blocking; called from a job worker thread. When ``on_step`` returns False, raise
+        ``sdrt.errors.Cancelled``. ``SdrtError`` subclasses propagate for bad input (-> 4xx)."""
+
+    def close(self) -> None: ...
+
+
+def manifest_info(manifest, engine_dir) -> dict:
+    """The artifact as the HTTP layer describes it (plain JSON types, so it crosses process boundaries)."""
+    sizes, dims = manifest.sizes, manifest.dims
+    return {
+        "name": os.path.basename(os.path.normpath(str(engine_dir))),
+        "path": str(engine_dir),
+        "family": manifest.family,
+        "sizes": sizes.to_dict(),
+        "vae_scale_factor": dims.vae_scale_factor,
+        "inpainting_unet": dims.unet_in_channels != dims.latent_channels,
+        "scheduler": manifest.scheduler_config.get("_class_name"),
+    }
+
+
+def decode_png(data: bytes, what: str):
+    """PNG/any bytes -> a loaded PIL image, or ImageInputError (with the decompression-bomb guard)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as handle:
+            handle.load()
+            return handle.copy()
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"{what} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+                              "refusing it as a decompression bomb") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageInputError(f"{what} is not an image Pillow can read ({type(exc).__name__})") from None
+
+
+def encode_png(image, parameters: str | None = None) -> bytes:
+    """uint8 HxWx3 array or PIL image -> PNG bytes with A1111's ``parameters`` text chunk."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    if not hasattr(image, "save"):
+        image = Image.fromarray(image)
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def infotext(req: GenRequest, seed: int, width: int, height: int) -> str:
+    """A1111's infotext for image ``seed`` of ``req``."""
+    from sdrt.images import a1111_parameters
+
+    extra = dict(req.infotext_extra)
+    if req.mode != "txt2img" and req.strength is not None:
+        extra.setdefault("Denoising strength", req.strength)
+    sampler = req.sampler_label or req.scheduler or "default"
+    return a1111_parameters(req.prompt, req.negative_prompt, req.steps, sampler, req.guidance, seed, width,
+                            height, **extra)
+
+
+def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenResult:
+    """Run ``req`` on a Pipeline: images in runs of ``batch_size``, one seed per image, so image k is
+    the same whichever run it falls in. Shared by LocalExecutor and the Ray replicas."""
+    if req.mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {req.mode!r}")
+    if not req.seeds:
+        raise InputError("a request needs at least one seed (one per image)")
+    max_batch = pipe.manifest.sizes.max_batch
+    per_run = max(1, min(req.batch_size or max_batch, max_batch))
+    runs = [list(req.seeds[i:i + per_run]) for i in range(0, len(req.seeds), per_run)]
+    extra: dict = {}
+    if req.mode != "txt2img":
+        extra["image"] = decode_png(req.image_png or b"", "image") if req.image_png else None
+        if extra["image"] is None:
+            raise ImageInputError(f"{req.mode} needs an input image")
+        extra["strength"] = req.strength if req.strength is not None or req.mode == "img2img" else None
+        if req.mode == "img2img" and extra["strength"] is None:
+            extra["strength"] = 0.75
+    if req.mode == "inpaint":
+        if not req.mask_png:
+            raise ImageInputError("inpaint needs a mask")
+        extra["mask"] = decode_png(req.mask_png, "mask")
+    state = {"done": 0, "total": None}
+
+    def callback(i, total, t, latents):
+        if state["total"] is None:  # the step count after strength is known at the first step
+            state["total"] = total * len(runs)
+        state["done"] += 1
+        return on_step(state["done"], state["total"]) is not False
+
+    images, infotexts, seeds, timings = [], [], [], {}
+    width = height = None
+    for run in runs:
+        result = getattr(pipe, req.mode)(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance,
+            seed=run, width=req.width, height=req.height, scheduler=req.scheduler, batch=len(run),
+            callback=callback, **extra)
+        height, width = result.images.shape[1:3]
+        for stage, value in result.timings.items():
+            value = sum(value) if isinstance(value, list) else value
+            timings[stage] = timings.get(stage, 0.0) + value
+        for seed, pixels in zip(run, result.images):
+            text = infotext(req, seed, width, height)
+            images.append(encode_png(pixels, text))
+            infotexts.append(text)
+            seeds.append(seed)
+    return GenResult(images, infotexts, seeds, int(width), int(height), timings, replica)
+
+
+@dataclass
+class LocalExecutor:
+    """One Pipeline in this process; ``generate`` holds a lock, so one generation runs at a time."""
+
+    engine_dir: str
+    backend: str = "ort-cpu"
+    threads: int | None = None
+    concurrency: int = 1
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    def __post_init__(self):
+        from sdrt.pipeline import Pipeline
+
+        start = time.perf_counter()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.pipe = Pipeline(self.engine_dir, backend=self.backend, threads=self.threads)
+        self.manifest_info = manifest_info(self.pipe.manifest, self.engine_dir)
+        self.load_seconds = time.perf_counter() - start
+
+    def warm_up(self) -> None:
+        """Open every engine now (``Pipeline`` opens them on first use), so the first request pays no load."""
+        from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS
+
+        for name in [n for n in COMPONENTS + OPTIONAL_COMPONENTS if self.pipe.manifest.has(n)]:
+            self.pipe.engine(name)
+        log.info("engines loaded from %s in %.1f s", self.engine_dir, self.pipe.load_seconds)
+
+    def ready(self) -> bool:
+        return not self._closed
+
+    def generate(self, req: GenRequest, on_step: StepHook) -> GenResult:
+        with self._lock:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            return run_request(self.pipe, req, on_step, self.replica)
+
+    def close(self) -> None:
+        self._closed = True

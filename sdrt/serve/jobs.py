@@ -1,0 +1,346 @@
+"""The job queue: a bounded FIFO feeding ``executor.concurrency`` worker threads, job records with a
+TTL and a maximum count, and events for Server-Sent Events and waiting handlers.
+
+Job records live in a ``JobStore`` (``MemoryJobStore`` here; a shared store can replace it so job state
+does not live in one process only). The queue touches records only through the store's methods and
+re-reads them when waiting, so a remote store works too (waiters also poll, every ``POLL_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from sdrt.errors import Cancelled, SdrtError
+from sdrt.serve.executor import Executor, GenRequest, GenResult
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+POLL_S = 0.25
+
+
+class QueueFull(SdrtError):
+    """More than ``max_queue`` jobs are waiting (HTTP 429)."""
+
+
+class Draining(SdrtError):
+    """The server is shutting down and takes no new jobs (HTTP 503)."""
+
+
+@dataclass
+class Job:
+    id: str
+    request: GenRequest
+    route: str = "jobs"
+    state: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    steps: int = 0  # total steps over the request's runs (known exactly from its first step)
+    error: dict | None = None  # {"error": type, "detail": message, "status": http status}
+    result: GenResult | None = None
+    cancel_requested: bool = False
+    cancel_reason: str = ""
+    events: list = field(default_factory=list)  # [{"event": name, "data": {...}}], append-only
+
+    def public(self, position: int | None = None) -> dict:
+        """The job as ``GET /v1/jobs/{id}`` shows it."""
+        return {"id": self.id, "state": self.state, "position": position, "step": self.step, "steps": self.steps,
+                "seed": self.request.seeds[0], "seeds": list(self.request.seeds), "error": self.error,
+                "images": len(self.result.images) if self.result else 0}
+
+
+class JobStore(Protocol):
+    def add(self, job: Job) -> None: ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def update(self, job_id: str, event: dict | None = None, **changes) -> Job | None:
+        """Apply ``changes`` (and append ``event``) atomically; the updated record, or None if gone."""
+
+    def remove(self, job_id: str) -> None: ...
+
+    def jobs(self) -> list[Job]: ...
+
+
+class MemoryJobStore:
+    """Job records in this process's memory."""
+
+    def __init__(self):
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def update(self, job_id: str, event: dict | None = None, **changes) -> Job | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            for key, value in changes.items():
+                setattr(job, key, value)
+            if event is not None:
+                job.events.append(event)
+            return job
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+
+class Notifier:
+    """Wakes waiting asyncio handlers (any loop) and threads when any job changes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiters: set = set()
+        self.changed = threading.Condition()
+
+    def notify(self) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # loop closed
+                pass
+        with self.changed:
+            self.changed.notify_all()
+
+    async def wait(self, timeout: float = POLL_S) -> None:
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiters.add(entry)
+        try:
+            await asyncio.wait_for(entry[1].wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters.discard(entry)
+
+
+class JobQueue:
+    """Bounded FIFO of job ids, ``executor.concurrency`` workers, records kept ``ttl`` s (at most ``max_jobs``)."""
+
+    def __init__(self, executor: Executor, max_queue: int = 16, ttl: float = 600.0, max_jobs: int = 256,
+                 store: JobStore | None = None, metrics=None):
+        self.executor, self.max_queue, self.ttl, self.max_jobs = executor, max_queue, ttl, max_jobs
+        self.store = store if store is not None else MemoryJobStore()
+        self.metrics = metrics  # sdrt.serve.metrics.Metrics or None
+        self.notifier = Notifier()
+        self._pending: collections.deque[str] = collections.deque()
+        self._running: set[str] = set()
+        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.draining = False
+        self._workers = [threading.Thread(target=self._work, name=f"sdrt-worker-{i}", daemon=True)
+                         for i in range(max(1, int(executor.concurrency)))]
+        for worker in self._workers:
+            worker.start()
+
+    # ---- submitting and reading ----
+    def submit(self, request: GenRequest, route: str = "jobs") -> Job:
+        """Queue ``request``; QueueFull when ``max_queue`` jobs wait already, Draining while shutting down."""
+        self.expire()
+        job = Job(id=uuid.uuid4().hex, request=request, route=route, steps=request.steps * request.count)
+        with self._cond:
+            if self.draining or self._stop:
+                raise Draining("the server is shutting down; not taking new jobs")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); retry later")
+            job.events.append({"event": "queued", "data": {"id": job.id, "position": len(self._pending)}})
+            self.store.add(job)
+            self._pending.append(job.id)
+            self._cond.notify()
+        self._changed()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.store.get(job_id)
+
+    def is_expired(self, job_id: str) -> bool:
+        return job_id in self._expired
+
+    def position(self, job_id: str) -> int | None:
+        with self._cond:
+            try:
+                return self._pending.index(job_id)
+            except ValueError:
+                return None
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def running(self) -> list[str]:
+        with self._cond:
+            return list(self._running)
+
+    async def wait_async(self, job_id: str, seen_events: int = 0, timeout: float = POLL_S) -> Job | None:
+        """Return the job once it has more than ``seen_events`` events or is finished (or after ``timeout``)."""
+        job = self.store.get(job_id)
+        if job is None or job.state in TERMINAL or len(job.events) > seen_events:
+            return job
+        await self.notifier.wait(timeout)
+        return self.store.get(job_id)
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        """Block this thread until the job finishes or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.store.get(job_id)
+            left = deadline - time.monotonic()
+            if job is None or job.state in TERMINAL or left <= 0:
+                return job
+            with self.notifier.changed:
+                self.notifier.changed.wait(min(left, POLL_S))
+
+    # ---- cancelling ----
+    def cancel(self, job_id: str, reason: str = "cancelled") -> Job | None:
+        """A queued job leaves the queue and never runs; a running one stops at its next step."""
+        with self._cond:
+            queued = job_id in self._pending
+            if queued:
+                self._pending.remove(job_id)
+        job = self.store.get(job_id)
+        if job is None or job.state in TERMINAL:
+            return job
+        if queued:
+            job = self._finish(job_id, CANCELLED, error={"error": "Cancelled", "detail": reason, "status": 409},
+                               cancel_requested=True, cancel_reason=reason)
+        else:
+            job = self.store.update(job_id, cancel_requested=True, cancel_reason=reason)
+        self._changed()
+        return job
+
+    def cancel_running(self, reason: str = "interrupted") -> list[str]:
+        ids = self.running()
+        for job_id in ids:
+            self.cancel(job_id, reason)
+        return ids
+
+    # ---- draining and closing ----
+    def begin_drain(self) -> None:
+        """Refuse new jobs and cancel the queued ones; running jobs go on."""
+        with self._cond:
+            self.draining = True
+            pending = list(self._pending)
+        for job_id in pending:
+            self.cancel(job_id, "the server is shutting down")
+
+    def drain(self, timeout: float) -> bool:
+        """``begin_drain``, wait up to ``timeout`` s for running jobs, then cancel them. True if none was cut."""
+        self.begin_drain()
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            with self.notifier.changed:
+                self.notifier.changed.wait(POLL_S)
+        cut = self.cancel_running("the server is shutting down (drain timeout)")
+        return not cut
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join(timeout)
+
+    # ---- housekeeping ----
+    def expire(self, now: float | None = None) -> None:
+        """Drop finished records older than ``ttl``, and the oldest finished ones beyond ``max_jobs``."""
+        now = time.time() if now is None else now
+        finished = sorted((j for j in self.store.jobs() if j.state in TERMINAL), key=lambda j: j.finished or 0)
+        over = len(self.store.jobs()) - self.max_jobs
+        for job in finished:
+            if over > 0 or now - (job.finished or now) > self.ttl:
+                self.store.remove(job.id)
+                self._expired[job.id] = None
+                over -= 1
+        while len(self._expired) > 16 * self.max_jobs:
+            self._expired.popitem(last=False)
+
+    def _changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.depth())
+        self.notifier.notify()
+
+    def _finish(self, job_id: str, state: str, **changes) -> Job | None:
+        name = {SUCCEEDED: "done", FAILED: "error", CANCELLED: "cancelled"}[state]
+        event = {"event": name, "data": {"state": state, **({"error": changes["error"]} if "error" in changes else {})}}
+        return self.store.update(job_id, event, state=state, finished=time.time(), **changes)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                job_id = self._pending.popleft()
+                self._running.add(job_id)
+            try:
+                self._run(job_id)
+            finally:
+                with self._cond:
+                    self._running.discard(job_id)
+                self._changed()
+
+    def _run(self, job_id: str) -> None:
+        job = self.store.update(job_id, {"event": "running", "data": {}}, state=RUNNING, started=time.time())
+        if job is None:
+            return
+        self._changed()
+
+        def on_step(step: int, total: int) -> bool:
+            current = self.store.update(job_id, {"event": "step", "data": {"step": step, "steps": total}},
+                                        step=step, steps=total)
+            self.notifier.notify()
+            return current is not None and not current.cancel_requested
+
+        try:
+            result = self.executor.generate(job.request, on_step)
+        except Cancelled as exc:
+            current = self.store.get(job_id)
+            detail = (current.cancel_reason if current and current.cancel_reason else str(exc))
+            self._finish(job_id, CANCELLED, error={"error": "Cancelled", "detail": detail, "status": 409})
+        except SdrtError as exc:
+            from sdrt.serve.errors import status_for
+
+            self._finish(job_id, FAILED, error={"error": type(exc).__name__, "detail": str(exc),
+                                                "status": status_for(exc)})
+        except Exception as exc:  # a bug or a backend failure: logged with its traceback, reported without
+            log.exception("job %s failed", job_id)
+            self._finish(job_id, FAILED, error={"error": "InternalError", "status": 500,
+                                                "detail": f"generation failed ({type(exc).__name__}); see the server log"})
+        else:
+            self._finish(job_id, SUCCEEDED, result=result)
+            if self.metrics is not None:
+                self.metrics.observe_result(result, time.time() - job.created)
+        finally:
+            self.expire()
+
+
+def job_copy(job: Job, **changes) -> Job:
+    """A shallow copy (for stores that hand out snapshots)."""
+    return replace(job, **changes)
