@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sdrt.errors import ArtifactError, ExportError, InputError, OutputExistsError
 from sdrt.manifest import ENGINES_KEY, MANIFEST_NAME, Manifest, file_record, load_manifest, write_json_atomic
+from sdrt.progress import progress_bar
 from sdrt.specs import BATCH, ComponentSpec, SizeRange
 from sdrt_export import trt_builder
 from sdrt_export.trt_builder import LABELS, BuildOptions
@@ -206,8 +207,6 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
                   workspace_gb: float | None = None, precision: str = "fp32", gpu_targets: str | None = None,
                   force: bool = False, progress: bool = True) -> dict:
     """Build (or reuse) ``backend`` engines for every component of ENGINE_DIR ``out``; return a summary."""
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     if backend not in BUILD_BACKENDS:
         raise InputError(f"unknown backend {backend!r}; build-engines knows {', '.join(BUILD_BACKENDS)}")
@@ -231,7 +230,6 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
     label = LABELS.get(backend, backend)
     if not todo:
         message = f"{label} engines in {out} are up to date ({len(specs)} cached); nothing to build"
-        log.info(message)
         return _summary(out, backend, common, [], [s.name for s in specs], exported, {}, start, message)
 
     folder = out / backend
@@ -240,35 +238,33 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
     if backend == "tensorrt":
         cache_path = folder / TIMING_CACHE
         section["timing_cache"] = f"{backend}/{TIMING_CACHE}"
-    built, bar = {}, tqdm(todo, desc=f"build {backend}", unit="engine", disable=not progress, leave=False)
+    built = {}
     try:
         folder.mkdir(exist_ok=True)
-        for spec in bar:  # one at a time: only one network and builder are alive at once
-            bar.set_postfix_str(spec.name)
-            began = time.perf_counter()
-            if trt is not None:
-                files, fields = _build_trt(backend, trt, manifest, spec, profiles[spec.name], options, cache_path)
-            else:
-                files, fields = _build_ort(backend, common, manifest, spec, folder)
-            seconds = round(time.perf_counter() - began, 2)
-            record = {**wanted[spec.name], **fields, "files": [file_record(out, f) for f in files],
-                      "precision": manifest.data.get("precision", "fp32"), "static": list(static) if static else None,
-                      "seconds": seconds}
-            _save_record(out, backend, section, spec.name, record)
-            built[spec.name] = {"seconds": seconds, "bytes": sum(r["size"] for r in record["files"])}
-            log.info("%s: built %s engine in %.1f s (%.1f MB)", spec.name, label, seconds,
-                     built[spec.name]["bytes"] / 1e6)
-            gc.collect()
+        with progress_bar(todo, desc=f"build {backend}", unit="engine", enabled=progress) as bar:
+            for spec in bar:  # one at a time: only one network and builder are alive at once
+                bar.set_postfix_str(spec.name)
+                began = time.perf_counter()
+                if trt is not None:
+                    files, fields = _build_trt(backend, trt, manifest, spec, profiles[spec.name], options, cache_path)
+                else:
+                    files, fields = _build_ort(backend, common, manifest, spec, folder)
+                seconds = round(time.perf_counter() - began, 2)
+                record = {**wanted[spec.name], **fields, "files": [file_record(out, f) for f in files],
+                          "precision": manifest.data.get("precision", "fp32"),
+                          "static": list(static) if static else None, "seconds": seconds}
+                _save_record(out, backend, section, spec.name, record)
+                built[spec.name] = {"seconds": seconds, "bytes": sum(r["size"] for r in record["files"])}
+                log.info("%s: built %s engine in %.1f s (%.1f MB)", spec.name, label, seconds,
+                         built[spec.name]["bytes"] / 1e6)
+                gc.collect()
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}{where}") from None
-    finally:
-        bar.close()
     load_manifest(out)  # self-check: the runtime must accept what we wrote
     cached = [s.name for s in specs if s.name not in built]
     message = (f"built {len(built)} {label} engine(s) ({', '.join(built)}) in {out} in "
                f"{time.perf_counter() - start:.1f} s" + (f"; {len(cached)} cached" if cached else ""))
-    log.info(message)
     return _summary(out, backend, common, list(built), cached, exported, built, start, message)
 
 
@@ -300,6 +296,8 @@ def _require_gpu():
 
 
 def _summary(out, backend, common, built, cached, exported, timings, start, message) -> dict:
+    if exported:  # the export's own line is INFO (-v); the result says it happened
+        message = f"exported the ONNX first ({exported}); {message}"
     return {"engine_dir": str(out), "backend": backend, "flavour": common.get("flavour"),
             "version": common.get("version"), "built": built, "cached": cached, "exported": exported,
             "components": timings, "total_seconds": round(time.perf_counter() - start, 2), "message": message}

@@ -25,6 +25,7 @@ import torch
 import sdrt
 from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, SdrtError
 from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manifest, sha256_file, write_json_atomic
+from sdrt.progress import progress_bar
 from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build_specs
 from sdrt_export import fp16, graph
 from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
@@ -213,8 +214,6 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                  progress: bool = True, precision: str = "fp32") -> dict:
     """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
     with fp32 islands); return a JSON-able summary."""
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     sizes = sizes or SizeRange()
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -245,14 +244,13 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
     try:
         work = make_temp_dir(out, created)
         components, timings = {}, {}
-        bar = tqdm(list(specs), desc="export", unit="component", disable=not progress, leave=False)
-        for spec in bar:
-            bar.set_postfix_str(spec.name)
-            result = export_component(model_dir, spec, work, sizes, opset,
-                                      component_precision(spec.name, precision, force_upcast))
-            components[spec.name] = result
-            timings[spec.name] = result["seconds"]
-        bar.close()
+        with progress_bar(list(specs), desc="export", unit="component", enabled=progress) as bar:
+            for spec in bar:
+                bar.set_postfix_str(spec.name)
+                result = export_component(model_dir, spec, work, sizes, opset,
+                                          component_precision(spec.name, precision, force_upcast))
+                components[spec.name] = result
+                timings[spec.name] = result["seconds"]
         tokenizer_files = copy_tokenizer(model_dir, work)
         second = {"tokenizer_2": {"dir": "tokenizer_2", "files": copy_tokenizer(model_dir, work, "tokenizer_2")}} \
             if dims.has_text_encoder_2 else {}
@@ -329,8 +327,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         "total_seconds": total,
         "message": f"exported {model_dir} to {out} in {total:.1f} s",
     }
-    log.info(summary["message"])
-    return summary
+    return summary  # the CLI prints the message; logging it too would show it twice
 
 
 def _set_modes(root: Path) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from sdrt import bench_report
 from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import load_manifest
+from sdrt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -224,36 +225,43 @@ def run_bench(cfg: BenchConfig) -> dict:
         systems.append(("diffusers", "sdrt_export.bench_diffusers", cfg.compare_diffusers))
     workers: dict[str, Worker] = {}
     cold: dict[str, dict] = {}
-    try:
-        first = _request(cfg, points[0])
-        for name, module, source in systems:
-            log.info("%s: cold start (fresh process, load, first %dx%d run)", name, *points[0][:2])
-            worker = workers[name] = Worker(name, module, threads)
-            load = worker.ask("load", engines=source, model=source, threads=threads, mode=cfg.mode,
-                              backend=cfg.backend)
-            loaded = time.perf_counter()
-            first_run = worker.ask("run", **first)
-            cold[name] = {"process_start_s": worker.process_start, "load_s": load["seconds"],
-                          "first_run_s": time.perf_counter() - loaded,
-                          "total_s": time.perf_counter() - worker.launched,
-                          "first_run_stages": first_run["timings"]}
-        results = []
-        for point in points:
-            samples = {name: [] for name in workers}
-            request = _request(cfg, point)
-            for i in range(cfg.warmup + cfg.runs):
-                for name, worker in workers.items():
-                    log.info("%s %dx%d batch %d: %s %d/%d", name, *point, "warmup" if i < cfg.warmup else "run",
-                             i + 1 if i < cfg.warmup else i + 1 - cfg.warmup, cfg.warmup if i < cfg.warmup else cfg.runs)
-                    timings = worker.ask("run", **request)["timings"]
-                    if i >= cfg.warmup:
-                        samples[name].append(timings)
-            results.append(bench_report.point_summary(point, samples))
-        infos = {name: w.info for name, w in workers.items()}
-        rss = {name: w.peak_rss for name, w in workers.items()}
-    finally:
-        for worker in workers.values():
-            worker.close()
+    runs = len(systems) * (1 + len(points) * (cfg.warmup + cfg.runs))  # cold starts, warmups, timed runs
+    with progress_bar(total=runs, desc="bench", unit="run") as bar:
+        try:
+            first = _request(cfg, points[0])
+            for name, module, source in systems:
+                log.info("%s: cold start (fresh process, load, first %dx%d run)", name, *points[0][:2])
+                bar.set_postfix_str(f"{name}: cold start")
+                worker = workers[name] = Worker(name, module, threads)
+                load = worker.ask("load", engines=source, model=source, threads=threads, mode=cfg.mode,
+                                  backend=cfg.backend)
+                loaded = time.perf_counter()
+                first_run = worker.ask("run", **first)
+                cold[name] = {"process_start_s": worker.process_start, "load_s": load["seconds"],
+                              "first_run_s": time.perf_counter() - loaded,
+                              "total_s": time.perf_counter() - worker.launched,
+                              "first_run_stages": first_run["timings"]}
+                bar.update(1)
+            results = []
+            for point in points:
+                samples = {name: [] for name in workers}
+                request = _request(cfg, point)
+                for i in range(cfg.warmup + cfg.runs):
+                    for name, worker in workers.items():
+                        phase = f"warmup {i + 1}/{cfg.warmup}" if i < cfg.warmup else \
+                            f"run {i + 1 - cfg.warmup}/{cfg.runs}"
+                        bar.set_postfix_str(f"{name} {point[0]}x{point[1]} batch {point[2]}: {phase}")
+                        log.info("%s %dx%d batch %d: %s", name, *point, phase)
+                        timings = worker.ask("run", **request)["timings"]
+                        bar.update(1)
+                        if i >= cfg.warmup:
+                            samples[name].append(timings)
+                results.append(bench_report.point_summary(point, samples))
+            infos = {name: w.info for name, w in workers.items()}
+            rss = {name: w.peak_rss for name, w in workers.items()}
+        finally:
+            for worker in workers.values():
+                worker.close()
     return bench_report.report(asdict(cfg) | {"points": [list(p) for p in points]}, threads, cold, rss, infos, results)
 
 

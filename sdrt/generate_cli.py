@@ -1,16 +1,17 @@
-"""``sdrt txt2img | img2img | inpaint``: run the pipeline, show a tqdm bar, save PNGs with parameters."""
+"""``sdrt txt2img | img2img | inpaint``: run the pipeline, show a progress bar (terminal only), save PNGs with
+their parameters."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from sdrt.errors import InputError
 from sdrt.images import a1111_parameters, check_same_size, load_image, save_png
 from sdrt.pipeline import Pipeline
+from sdrt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,19 @@ def run(args) -> dict:
         extra["mask"] = load_image(args.mask, "mask")
         check_same_size(extra["image"], extra["mask"])
     pipe = Pipeline(args.engines, backend=args.backend, threads=args.threads)
-    bars = []  # opened at the first step, so a request refused up front prints only its error line
+    with contextlib.ExitStack() as stack:
+        bars = []  # opened at the first step, so a request refused up front prints only its error line
 
-    def on_step(i, total, t, latents):
-        if not bars:
-            bars.append(tqdm(total=total, desc=args.mode, unit="step", leave=False,
-                             disable=True if args.json else None))  # None: off when not a terminal
-        bars[0].update(1)
+        def on_step(i, total, t, latents):
+            if not bars:
+                bars.append(stack.enter_context(progress_bar(total=total, desc=args.mode, unit="step",
+                                                             enabled=not args.json)))
+            bars[0].update(1)
 
-    try:
         result = getattr(pipe, args.mode)(
             prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
             seed=args.seed, width=args.width, height=args.height, scheduler=args.scheduler, batch=args.batch,
             callback=on_step, **extra)
-    finally:
-        for bar in bars:
-            bar.close()
     p = result.parameters
     sampler = args.scheduler or p["scheduler"]
     text = a1111_parameters(p["prompt"], p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],
