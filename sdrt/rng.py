@@ -179,3 +179,16 @@ def random_seed() -> int:
     """A fresh seed for runs without one, in [0, 2**32): torch's own ``seed()`` draws 64 bits, but
     its CPU mt19937 keeps only the low 32, so a wider range would only alias the same noise."""
     return secrets.randbelow(2**32)
+
+
+_CUDA_NAMES = ("CudaGenerator", "GPU_PRESETS", "RngSpec", "parse_rng")
+
+
+def __getattr__(name):
+    """Re-export of ``sdrt.rng_cuda`` (torch's CUDA generator), loaded on first use: it imports this
+    module, so a plain import here would be circular."""
+    if name in _CUDA_NAMES:
+        from sdrt import rng_cuda
+
+        return getattr(rng_cuda, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
