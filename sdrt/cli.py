@@ -9,8 +9,12 @@ import logging
 import sys
 
 from sdrt.errors import SdrtError
+from sdrt.cli_help import Parser, VersionAction, add_verbose, examples
+from sdrt.progress import setup_logging
 
 log = logging.getLogger("sdrt")
+DESCRIPTION = ("sdrt: an optimized, torch-free Stable Diffusion runtime. Export a diffusers model once (needs torch), "
+               "then generate from the ENGINE_DIR with ONNX Runtime or TensorRT alone.")
 
 
 def _export_module(name: str):
@@ -36,7 +40,8 @@ def _sizes(args):
 
 def cmd_make_model(args) -> dict:
     out = _export_module("make_model").make_model(args.out_dir, arch=args.arch, seed=args.seed, force=args.force)
-    return {"model": str(out), "arch": args.arch, "seed": args.seed}
+    return {"model": str(out), "arch": args.arch, "seed": args.seed,
+            "message": f"wrote a random-weight {args.arch} model (seed {args.seed}) to {out}"}
 
 
 def cmd_export(args) -> dict:
@@ -82,14 +87,20 @@ def cmd_bench(args) -> dict:
     return bench.cmd_bench(args)
 
 
-def _add_size_range(p: argparse.ArgumentParser) -> None:
+def cmd_info(args) -> dict:
+    from sdrt import info
+
+    return info.describe(args.engine_dir, verify=args.verify)
+
+
+def _add_size_range(p) -> None:
     p.add_argument("--min-size", type=int, default=256, help="smallest image side served (pixels)")
     p.add_argument("--opt-size", type=int, default=None, help="side TensorRT tunes for (default 512)")
     p.add_argument("--max-size", type=int, default=1024, help="largest image side served (pixels)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per prompt")
 
 
-def _add_backend(p: argparse.ArgumentParser) -> None:
+def _add_backend(p) -> None:
     from sdrt.backends import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
@@ -97,111 +108,195 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                         "for this backend) on ONNX Runtime, or TensorRT engines built by `sdrt build-engines`")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdrt", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_request(g, mode: str) -> None:
+    g.add_argument("--prompt", required=True, help="what to draw")
+    g.add_argument("--negative-prompt", default="", help="what to steer away from")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (0 or 1: no CFG)")
+    g.add_argument("--seed", type=int, default=None, help="default: random, printed")
+    g.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
+    g.add_argument("--height", type=int, default=None, help="default: the artifact's opt size")
+    g.add_argument("--scheduler", default=None,
+                   help="e.g. 'Euler a', 'DPM++ 2M Karras', DDIM; default: the model's own")
+    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    if mode != "txt2img":
+        g.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else None,
+                       help="how much of the image to redraw, in (0, 1] [img2img 0.75; inpaint as diffusers: "
+                            "1.0, SDXL 0.9999]")
 
-    p = sub.add_parser("make-model", help="write a random-weight diffusers pipeline folder")
-    p.add_argument("out_dir")
+
+GENERATE_EXAMPLES = {
+    "txt2img": ('sdrt txt2img --engines engines/tiny --prompt "a photo of a cat" --seed 42 --out cat.png',
+                'sdrt txt2img --engines engines/sd15 --prompt "a castle" --negative-prompt blurry --steps 20 \\\n'
+                '      --scheduler "DPM++ 2M Karras" --width 512 --height 768 --batch 2 --out castle.png',
+                'sdrt txt2img --engines engines/sdxl-turbo --prompt "a fox" --steps 1 --guidance 0 --out fox.png'),
+    "img2img": ('sdrt img2img --engines engines/sd15 --prompt "an oil painting" --image in.png --strength 0.6 '
+                '--out out.png',),
+    "inpaint": ('sdrt inpaint --engines engines/sd15 --prompt "a red sofa" --image room.png --mask mask.png '
+                '--out out.png',),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="sdrt", description=DESCRIPTION, epilog=examples(
+        "sdrt make-model /tmp/model --arch tiny        # random weights; or use a real diffusers folder",
+        "sdrt export --model /tmp/model --out /tmp/engines",
+        'sdrt txt2img --engines /tmp/engines --prompt "a photo of a cat" --out cat.png',
+        "sdrt info /tmp/engines",
+        note="`sdrt COMMAND --help` describes each command. Bad input prints one line and exits 2."))
+    parser.add_argument("--version", action=VersionAction,
+                        help="print sdrt's version and the onnxruntime / tensorrt / tensorrt_rtx / cupy found; exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("make-model", help="write a random-weight diffusers pipeline folder",
+                       description="Write a diffusers pipeline folder with random weights (tests, demos, "
+                                   "benchmarks: its images are noise).",
+                       epilog=examples("sdrt make-model /tmp/model --arch tiny --seed 0",
+                                       "sdrt make-model /tmp/sdxl --arch sdxl   # real SDXL shapes: large, slow"))
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
     p.add_argument("--arch", default="tiny",
                    help="tiny (fast tests), tiny-inpaint, tiny-sd2, tiny-sd2-base, tiny-sd-turbo, tiny-lcm, tiny-sdxl, "
                         "tiny-sdxl-turbo, tiny-sdxl-inpaint; sd15, sd2, sdxl (real shapes, random weights)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     p.set_defaults(func=cmd_make_model)
 
-    p = sub.add_parser("export", help="export a diffusers model folder to ONNX (ENGINE_DIR)")
-    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder")
-    p.add_argument("--out", required=True, help="ENGINE_DIR to create")
-    _add_size_range(p)
-    p.add_argument("--opset", type=int, default=None)
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    p = sub.add_parser("export", help="export a diffusers model folder to ONNX (ENGINE_DIR)",
+                       description="Export a diffusers Stable Diffusion folder (SD1.x, SD2.x, SD-Turbo, LCM, SDXL) "
+                                   "to ONNX with dynamic batch and size; each component is checked against torch.",
+                       epilog=examples("sdrt export --model ./stable-diffusion-v1-5 --out engines/sd15",
+                                       "sdrt export --model ./sdxl --out engines/sdxl16 --precision fp16 "
+                                       "--min-size 512 --max-size 1024 --max-batch 2"))
+    g = p.add_argument_group("input and output")
+    g.add_argument("--model", metavar="MODEL_DIR", required=True, help="diffusers Stable Diffusion folder")
+    g.add_argument("--out", metavar="ENGINE_DIR", required=True, help="folder to create")
+    g.add_argument("--force", action="store_true", help="replace an existing ENGINE_DIR")
+    g.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
+    _add_size_range(p.add_argument_group("size range (what the artifact serves)"))
+    g = p.add_argument_group("export")
+    g.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 17)")
+    g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16: mixed precision with fp32 islands (see export/fp16.py); I/O stays float32")
-    p.add_argument("--force", action="store_true", help="replace an existing ENGINE_DIR")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("build-engines", help="build TensorRT engines (or ORT-optimized graphs) into an ENGINE_DIR")
-    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder (exported first if needed)")
-    p.add_argument("--out", required=True, help="ENGINE_DIR (created or updated)")
-    p.add_argument("--backend", required=True, choices=("tensorrt", "tensorrt-rtx", "ort-cpu", "ort-cuda"))
-    for flag, what in (("--min-size", "smallest image side [256]"), ("--opt-size", "side TensorRT tunes for [512]"),
-                       ("--max-size", "largest image side [1024]"), ("--max-batch", "most images per prompt [4]")):
-        p.add_argument(flag, type=int, default=None, help=f"{what}; default: the existing artifact's")
-    p.add_argument("--static", metavar="WxH", default=None, help="fix width and height (min=opt=max; batch stays)")
-    p.add_argument("--builder-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
-    p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GB")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="precision of the ONNX export")
-    p.add_argument("--gpu-targets", default=None, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89")
-    p.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p = sub.add_parser("build-engines", help="build TensorRT engines (or ORT-optimized graphs) into an ENGINE_DIR",
+                       description="Build TensorRT / TensorRT-RTX engines, or graphs optimized for ONNX Runtime, "
+                                   "one component at a time into ENGINE_DIR/BACKEND/ (exporting first when needed). "
+                                   "A second run rebuilds only what changed.",
+                       epilog=examples("sdrt build-engines --model ./sd15 --out engines/sd15 --backend ort-cpu",
+                                       "sdrt build-engines --model ./sd15 --out engines/sd15 --backend tensorrt-rtx "
+                                       "--gpu-targets sm86,sm89",
+                                       "sdrt build-engines --model ./sd15 --out engines/sd15 --backend tensorrt "
+                                       "--static 512x512"))
+    g = p.add_argument_group("input and output")
+    g.add_argument("--model", metavar="MODEL_DIR", required=True,
+                   help="diffusers Stable Diffusion folder (exported first if needed)")
+    g.add_argument("--out", metavar="ENGINE_DIR", required=True, help="created or updated")
+    g.add_argument("--backend", required=True, choices=("tensorrt", "tensorrt-rtx", "ort-cpu", "ort-cuda"),
+                   help="what to build for")
+    g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="precision of the ONNX export (when it exports)")
+    g.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
+    g.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
+    g = p.add_argument_group("size range (default: the existing artifact's)")
+    for flag, what, new in (("--min-size", "smallest image side", 256), ("--opt-size", "side TensorRT tunes for", 512),
+                            ("--max-size", "largest image side", 1024), ("--max-batch", "most images per prompt", 4)):
+        g.add_argument(flag, type=int, default=None,
+                       help=f"{what}; default: the existing artifact's, {new} for a new one")
+    g = p.add_argument_group("TensorRT")
+    g.add_argument("--static", metavar="WxH", default=None, help="fix width and height (min=opt=max; batch stays)")
+    g.add_argument("--builder-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    g.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GB")
+    g.add_argument("--gpu-targets", default=None, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89")
     p.set_defaults(func=cmd_build_engines)
 
     for mode in ("txt2img", "img2img", "inpaint"):
-        p = sub.add_parser(mode, help=f"{mode} from an ENGINE_DIR (no torch needed)")
-        p.add_argument("--engines", required=True, help="ENGINE_DIR written by `sdrt export`")
-        p.add_argument("--prompt", required=True)
-        p.add_argument("--negative-prompt", default="")
-        p.add_argument("--steps", type=int, default=30)
-        p.add_argument("--guidance", type=float, default=7.5)
-        p.add_argument("--seed", type=int, default=None, help="default: random, printed")
-        p.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
-        p.add_argument("--height", type=int, default=None)
-        p.add_argument("--scheduler", default=None, help="e.g. 'Euler a', 'DPM++ 2M Karras', DDIM")
-        p.add_argument("--batch", type=int, default=1, help="images per prompt")
-        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-        _add_backend(p)
+        p = sub.add_parser(mode, help=f"{mode} from an ENGINE_DIR (no torch needed)",
+                           description=f"{mode} from an ENGINE_DIR alone (numpy + ONNX Runtime or TensorRT, no torch); "
+                                       "the PNG carries the parameters in A1111's format.",
+                           epilog=examples(*GENERATE_EXAMPLES[mode]))
+        g = p.add_argument_group("input and output")
+        g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
         if mode != "txt2img":
-            p.add_argument("--image", required=True)
-            p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else None,
-                           help="how much of the image to redraw, in (0, 1] [img2img 0.75; inpaint as diffusers: "
-                                "1.0, SDXL 0.9999]")
+            g.add_argument("--image", required=True, help="input image (any format Pillow reads)")
         if mode == "inpaint":
-            p.add_argument("--mask", required=True, help="white = repaint, black = keep")
-        p.add_argument("--out", required=True, help="output PNG (batch > 1 adds -1, -2, ...)")
-        p.add_argument("--json", action="store_true", help="print per-stage timings as JSON")
+            g.add_argument("--mask", required=True, help="white = repaint, black = keep")
+        g.add_argument("--out", metavar="PNG", required=True, help="output file (batch > 1 adds -1, -2, ...)")
+        g.add_argument("--json", action="store_true", help="print per-stage timings as JSON (and no progress bar)")
+        _add_request(p.add_argument_group("request"), mode)
+        g = p.add_argument_group("runtime")
+        _add_backend(g)
+        g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
         p.set_defaults(func=cmd_generate, mode=mode)
 
-    p = sub.add_parser("verify", help="compare sdrt with the diffusers pipeline (needs torch)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--engines", required=True)
-    p.add_argument("--scheduler", default=None)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default="a photo of a cat")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("verify", help="compare sdrt with the diffusers pipeline (needs torch)",
+                       description="Run sdrt and the matching diffusers pipeline on the same inputs and compare the "
+                                   "images; exits 1 when they differ beyond tolerance.",
+                       epilog=examples("sdrt verify --model /tmp/model --engines /tmp/engines --scheduler 'Euler a' "
+                                       "--steps 8"))
+    g = p.add_argument_group("input and output")
+    g.add_argument("--model", metavar="MODEL_DIR", required=True, help="the diffusers folder ENGINE_DIR came from")
+    g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g = p.add_argument_group("request")
+    g.add_argument("--scheduler", default=None, help="default: the model's own")
+    g.add_argument("--steps", type=int, default=4, help="denoising steps")
+    g.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
+    g.add_argument("--height", type=int, default=None, help="default: the artifact's opt size")
+    g.add_argument("--seed", type=int, default=0, help="seed of both pipelines")
+    g.add_argument("--prompt", default="a photo of a cat", help="prompt of both pipelines")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("bench", help="per-stage latency, cold start and peak RSS (optionally against diffusers)")
-    p.add_argument("--engines", required=True, help="ENGINE_DIR written by `sdrt export`")
-    p.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--scheduler", default=None, help="default: the model's own")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--mode", default="txt2img", help="txt2img or img2img (adds the VAE encoder)")
-    p.add_argument("--strength", type=float, default=0.75, help="img2img strength")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", type=int, default=5, help="timed runs per system and point")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per system and point before them")
-    p.add_argument("--threads", type=int, default=None, help="threads for every system (default: usable cores)")
-    _add_backend(p)
-    p.add_argument("--compare-diffusers", metavar="MODEL_DIR", default=None,
+    p = sub.add_parser("bench", help="per-stage latency, cold start and peak RSS (optionally against diffusers)",
+                       description="Per stage p50/p90/p99/min, cold start and peak RSS, each system in its own "
+                                   "process; with --compare-diffusers the two run alternately, same thread count.",
+                       epilog=examples("sdrt bench --engines engines/sd15 --steps 20",
+                                       "sdrt bench --engines engines/sd15 --compare-diffusers ./sd15 --json out.json "
+                                       "--plot out.png",
+                                       "sdrt bench --engines engines/sd15 --sweep --runs 3"))
+    g = p.add_argument_group("artifact and request")
+    g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
+    g.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
+    g.add_argument("--height", type=int, default=None, help="default: the artifact's opt size")
+    g.add_argument("--steps", type=int, default=20, help="denoising steps")
+    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--scheduler", default=None, help="default: the model's own")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--mode", default="txt2img", help="txt2img or img2img (adds the VAE encoder)")
+    g.add_argument("--strength", type=float, default=0.75, help="img2img strength")
+    g.add_argument("--seed", type=int, default=0, help="seed of every run")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--runs", type=int, default=5, help="timed runs per system and point")
+    g.add_argument("--warmup", type=int, default=1, help="untimed runs per system and point before them")
+    g.add_argument("--threads", type=int, default=None, help="threads for every system (default: usable cores)")
+    _add_backend(g)
+    g.add_argument("--sweep", action="store_true", help="resolutions 256/384/512 x batch 1/2/4 (within the artifact)")
+    g = p.add_argument_group("comparison and output")
+    g.add_argument("--compare-diffusers", metavar="MODEL_DIR", default=None,
                    help="also run the diffusers pipeline from this folder, alternating runs (needs torch)")
-    p.add_argument("--sweep", action="store_true", help="resolutions 256/384/512 x batch 1/2/4 (within the artifact)")
-    p.add_argument("--json", dest="json_out", metavar="FILE", default=None, help="write every measured field here")
-    p.add_argument("--plot", metavar="FILE.png", default=None, help="latency vs resolution plot (needs matplotlib)")
+    g.add_argument("--json", dest="json_out", metavar="FILE", default=None, help="write every measured field here")
+    g.add_argument("--plot", metavar="FILE.png", default=None, help="latency vs resolution plot (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("info", help="what an ENGINE_DIR holds; --verify checks every file's sha256",
+                       description="Family, precision, size range and batch, scheduler, components, the engines or "
+                                   "optimized graphs built per backend (and for which TensorRT / ONNX Runtime "
+                                   "version and GPU), LoRAs merged. Reads the manifest only (no backend is loaded). "
+                                   "With --verify, exits 1 when a file does not match its sha256; a missing or "
+                                   "foreign folder exits 2.",
+                       epilog=examples("sdrt info engines/tiny", "sdrt info engines/tiny --verify --json"))
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="folder written by `sdrt export`")
+    p.add_argument("--verify", action="store_true", help="hash every recorded file and report each mismatch")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_info)
+
+    add_verbose(parser, sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         result = args.func(args)
     except SdrtError as exc:
