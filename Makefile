@@ -27,6 +27,7 @@ demo: install
 	$(BIN)/sdrt build-engines --model $(MODEL) --out $(ENGINES) --backend ort-cpu
 	$(BIN)/sdrt txt2img --engines $(ENGINES) --prompt "a photo of a cat" --steps 20 --seed 42 \
 		--width 256 --height 256 --out $(OUTDIR)/cat.png
+	@echo '$(OUTDIR)/cat.png shows noise, by design: the tiny model has random weights; for a real picture run the same on a diffusers folder: sdrt export --model PATH --out engines/mine, then sdrt txt2img --engines engines/mine --prompt "a photo of a cat" --out cat.png (sdrt info engines/mine says what was built).'
 
 # Runs every test; the gpu-marked ones skip without an NVIDIA GPU, CUDA and tensorrt/tensorrt_rtx.
 test: install
