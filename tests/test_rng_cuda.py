@@ -165,8 +165,14 @@ def test_small_draws_do_not_depend_on_the_gpu():
     assert np.array_equal(t4.randn((1, 4, 64, 64)), CudaGenerator(123).randn((1, 4, 64, 64)))
     assert GPU_PRESETS["t4"][0] * GPU_PRESETS["t4"][1] == 40960 == t4.max_threads
     sdxl = (1, 4, 128, 128)  # 65536 > T4's 40960: the tail past T_max differs, the head does not
-    a, b = CudaGenerator(9, *GPU_PRESETS["t4"]).randn(sdxl).ravel(), CudaGenerator(9).randn(sdxl).ravel()
+    t4, h100 = CudaGenerator(9, *GPU_PRESETS["t4"]), CudaGenerator(9)
+    a, b = t4.randn(sdxl).ravel(), h100.randn(sdxl).ravel()
     assert np.array_equal(a[:40960], b[:40960]) and not np.array_equal(a[40960:], b[40960:])
+    assert t4.offset == h100.offset == 4  # one round on both (n <= 4 T_max): later draws agree again
+    assert np.array_equal(t4.randn(100), h100.randn(100))
+    t4.randn(4 * 40960 + 1)  # two rounds on a T4, one on an H100: offsets part, and every later draw
+    h100.randn(4 * 40960 + 1)
+    assert (t4.offset, h100.offset) == (16, 12) and not np.array_equal(t4.randn(100), h100.randn(100))
 
 
 def test_seed_uses_all_64_bits_and_float16():
@@ -239,7 +245,8 @@ def test_against_torch_cuda(record_property):
             worst = max(worst, float(np.max(np.abs(got - want))))
             assert ours.offset == theirs.get_offset()
         half = torch.randn((4, 1000), generator=theirs, device="cuda", dtype=torch.float16).cpu().numpy()
-        assert np.max(np.abs(ours.randn((4, 1000), dtype=np.float16).astype(np.float32) - half)) <= 4e-3
+        diff = np.abs(ours.randn((4, 1000), dtype=np.float16).astype(np.float32) - half.astype(np.float32))
+        assert np.all(diff <= np.spacing(np.abs(half)).astype(np.float32))  # a rounding flip at most
     summary = f"{props.name} ({sm} SMs x {threads}): {equal / total:.6f} of {total} equal, worst {worst:.3g}"
     record_property("cuda_rng", summary)
     print(summary)
