@@ -99,12 +99,19 @@ class OrtEngine:
                 self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}".splitlines()[0]) from None
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # onnxruntime-gpu falls back to the CPU, with a log line only, when CUDA or cuDNN fail to load
+            raise InputError("backend ort-cuda: ONNX Runtime could not start its CUDA provider (no GPU, or the "
+                             "CUDA/cuDNN libraries it needs not found: see onnxruntime.preload_dlls); use ort-cpu")
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
         missing = set(self._dtypes) - {i.name for i in self.session.get_inputs()}
         if missing:
             raise ArtifactError(f"{path} lacks inputs {sorted(missing)} that the {spec.name} spec names; re-export")
 
     def __call__(self, feeds: dict) -> dict:
+        missing = [name for name in self._dtypes if name not in feeds]
+        if missing:
+            raise InputError(f"{self.spec.name}: missing input {missing[0]!r}")
         if self.device == "cuda" and any(hasattr(v, "__cuda_array_interface__") for v in feeds.values()):
             return self._run_on_device(feeds)
         inputs = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self._dtypes.items()}
@@ -137,4 +144,5 @@ class OrtEngine:
                 bind(name, "cuda", value.device.id, value.dtype, list(value.shape), value.data.ptr)
         cupy.cuda.get_current_stream().synchronize()  # the feeds' producer has finished
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # ONNX Runtime's stream has finished before cupy reads the outputs
         return outputs
