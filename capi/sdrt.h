@@ -1,0 +1,172 @@
+/* libsdrt: the C ABI of sdrt, a torch-free Stable Diffusion runtime (C99).
+ *
+ * The functions call the sdrt Python runtime (sdrt.pipeline.Pipeline) inside an embedded interpreter
+ * (cffi embedding mode): same semantics, defaults and pixels as the Python API for the same seed.
+ *
+ * Build and link:   make capi   ->  build/capi/libsdrt.so, build/capi/sdrt.pc
+ *                   cc app.c -I capi -L build/capi -Wl,-rpath,$PWD/build/capi -lsdrt
+ *                   (or: cc app.c $(PKG_CONFIG_PATH=build/capi pkg-config --cflags --libs sdrt))
+ *
+ * Python environment: the library starts the interpreter on the first call that needs it, once per
+ * process, with the Python home and the virtual environment (site-packages) it was built against,
+ * baked in at build time; no environment variable is needed.  SDRT_PYTHONHOME=DIR overrides them:
+ * DIR is either a virtual environment (a folder with pyvenv.cfg; its `home` names the Python) or a
+ * Python installation prefix (DIR/lib/pythonX.Y/os.py).  The other PYTHON* variables of the process
+ * apply as for any Python.  If the host process already runs Python, that interpreter is used.
+ *
+ * Errors: every function that returns sdrt_status sets this thread's last error ("" on SDRT_OK) and,
+ * when it has a context, that context's last error; sdrt_last_error() reads them.  No Python
+ * exception ever reaches the caller; a bad argument (NULL pointer, wrong struct_size, size out of
+ * range, unknown scheduler, missing or tampered ENGINE_DIR, ...) is a status, never a crash.
+ *
+ * Logging: messages go to the context's log callback.  Without one, nothing is printed, unless the
+ * environment variable SDRT_LOG_STDERR=1 is set: then messages (and any output of Python code, which
+ * is otherwise routed to the log) go to stderr.
+ *
+ * Threads: every function may be called from any thread.  Calls on one context are serialized inside
+ * (a second sdrt_generate on the same context waits for the first); several contexts may run at once
+ * (their ONNX Runtime work runs in parallel; the Python glue between steps takes the interpreter's
+ * lock briefly).  sdrt_cancel and sdrt_last_error never wait.  Callbacks run on the calling thread,
+ * inside sdrt_generate / sdrt_context_open; from a callback, calling sdrt_generate or
+ * sdrt_context_close on the same context returns SDRT_ERR_INPUT (sdrt_cancel is fine).
+ *
+ * Versioning: every params struct starts with struct_size, set by its *_params_init function.  A
+ * caller compiled against an older, smaller struct keeps working: fields beyond its struct_size take
+ * their defaults.  A struct_size below the first published layout (SDRT_*_PARAMS_SIZE_V1), or above
+ * what this library knows with any unknown trailing byte nonzero, is SDRT_ERR_INPUT.
+ */
+#ifndef SDRT_H
+#define SDRT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Incremented on an incompatible change of this header; compatible additions keep it. */
+#define SDRT_ABI_VERSION 1
+
+/* Log levels passed to sdrt_log_fn (Python's logging numbers). */
+#define SDRT_LOG_DEBUG 10
+#define SDRT_LOG_INFO 20
+#define SDRT_LOG_WARNING 30
+#define SDRT_LOG_ERROR 40
+
+/* sdrt_generate_params.strength: the mode's default (img2img 0.75; inpaint 1.0, SDXL 0.9999). */
+#define SDRT_STRENGTH_DEFAULT (-1.0f)
+
+/* BEGIN CFFI DECLARATIONS (capi/build.py hands the text up to END to cffi) */
+
+/* An open model (one ENGINE_DIR, one backend).  Opaque. */
+typedef struct sdrt_context sdrt_context;
+
+typedef enum {
+    SDRT_OK = 0,
+    SDRT_ERR_INPUT = 2,     /* a bad argument: NULL pointer, struct_size, size, steps, scheduler, image... */
+    SDRT_ERR_ARTIFACT = 3,  /* ENGINE_DIR missing, invalid manifest, file missing or not matching its sha256 */
+    SDRT_ERR_CANCELLED = 4, /* sdrt_cancel, or the progress callback returned nonzero */
+    SDRT_ERR_INTERNAL = 5,  /* anything else: the Python runtime failed to start, NaN in the model, a bug */
+    SDRT_ERR_IO = 6         /* a file could not be written (sdrt_image_save_png) */
+} sdrt_status;
+
+/* An image: width * height * channels bytes, row-major, interleaved, 8 bits per channel.
+ * channels: 3 = RGB (generated images); inputs may also be 1 (gray) or 4 (RGBA). */
+typedef struct {
+    uint32_t width;
+    uint32_t height;
+    uint32_t channels;
+    uint8_t *data;
+} sdrt_image;
+
+/* Called after each denoising step: step = steps done (1..total).  Return nonzero to cancel
+ * (sdrt_generate then returns SDRT_ERR_CANCELLED). */
+typedef int (*sdrt_progress_fn)(int step, int total, void *user_data);
+
+/* One log message (one line, UTF-8, valid during the call); level: SDRT_LOG_*. */
+typedef void (*sdrt_log_fn)(int level, const char *message, void *user_data);
+
+typedef struct {
+    uint32_t struct_size;   /* sizeof(sdrt_context_params), set by sdrt_context_params_init */
+    const char *engine_dir; /* ENGINE_DIR written by `sdrt export` (required) */
+    const char *backend;    /* "ort-cpu" (default, also for NULL), "ort-cuda", "tensorrt", "tensorrt-rtx" */
+    int threads;            /* ONNX Runtime intra-op threads; 0 (default): the usable cores */
+    sdrt_log_fn log;        /* this context's log messages; NULL (default): none (see SDRT_LOG_STDERR) */
+    void *log_user_data;    /* passed to log */
+    /* --- added after the first layout (SDRT_CONTEXT_PARAMS_SIZE_V1 ends here) --- */
+    int log_level;          /* lowest level passed to log; default SDRT_LOG_WARNING */
+} sdrt_context_params;
+
+typedef struct {
+    uint32_t struct_size;        /* sizeof(sdrt_generate_params), set by sdrt_generate_params_init */
+    const char *mode;            /* "txt2img" (default, also for NULL) | "img2img" | "inpaint" */
+    const char *prompt;          /* UTF-8, required (NULL is SDRT_ERR_INPUT) */
+    const char *negative_prompt; /* NULL (default): "" */
+    const char *scheduler;       /* as the CLI's --scheduler ("Euler a", "DPM++ 2M Karras", "DDIM", class
+                                    names, ...); NULL (default): the model's own */
+    int width;                   /* pixels; 0 (default): the artifact's default (the input image's size,
+                                    rounded down to a multiple of 8, for img2img/inpaint) */
+    int height;                  /* as width */
+    int steps;                   /* denoising steps, >= 1; default 30 */
+    int batch;                   /* images per prompt, 1..the artifact's max batch; default 1 */
+    float guidance;              /* classifier-free guidance scale, >= 0; default 7.5 */
+    float strength;              /* img2img/inpaint, in (0, 1]; default SDRT_STRENGTH_DEFAULT */
+    int64_t seed;                /* >= 0: reproducible (as torch.Generator("cpu").manual_seed);
+                                    -1 (default): random (returned in *seed_out) */
+    const sdrt_image *init_image; /* img2img and inpaint (required there; NULL for txt2img) */
+    const sdrt_image *mask_image; /* inpaint (required there): white repaints, black keeps; same size */
+    sdrt_progress_fn progress;   /* NULL (default): none */
+    void *user_data;             /* passed to progress */
+} sdrt_generate_params;
+
+/* SDRT_ABI_VERSION of the library (compare with the header's at start-up). */
+uint32_t sdrt_abi_version(void);
+/* The sdrt version the library was built from, e.g. "0.1.0" (static string). */
+const char *sdrt_version(void);
+
+/* Set struct_size and every default.  Never start Python; p may be NULL (no-op). */
+void sdrt_context_params_init(sdrt_context_params *p);
+void sdrt_generate_params_init(sdrt_generate_params *p);
+
+/* Open ENGINE_DIR (manifest, tokenizers, file checks; engines open on the first generate).
+ * On SDRT_OK, *out is a new context for sdrt_context_close; otherwise *out is NULL. */
+sdrt_status sdrt_context_open(const sdrt_context_params *p, sdrt_context **out);
+
+/* Generate p->batch images.  On SDRT_OK: *images_out holds *count_out images (free them with
+ * sdrt_images_free) and *seed_out (if seed_out is not NULL) the seed used.  Otherwise *images_out
+ * is NULL and *count_out 0.  images_out and count_out are required; seed_out may be NULL. */
+sdrt_status sdrt_generate(sdrt_context *ctx, const sdrt_generate_params *p,
+                          sdrt_image **images_out, int *count_out, int64_t *seed_out);
+
+/* Free the images of one sdrt_generate (images may be NULL). */
+void sdrt_images_free(sdrt_image *images, int count);
+
+/* Write image as PNG at path (must end in .png), atomically (temp file, then rename), with A1111's
+ * "parameters" text chunk when parameters is not NULL.  SDRT_ERR_IO if it cannot be written. */
+sdrt_status sdrt_image_save_png(const sdrt_image *image, const char *path, const char *parameters);
+
+/* Cancel: every sdrt_generate on ctx running or waiting when this is called returns
+ * SDRT_ERR_CANCELLED after its current step; later calls are not affected.  Any thread, any time,
+ * never blocks, async-signal-safe; ctx may be NULL (no-op). */
+void sdrt_cancel(sdrt_context *ctx);
+
+/* ctx NULL: this thread's last error; otherwise ctx's last error (from any thread).  "" when the last
+ * call succeeded; never NULL.  Valid until this thread's next call of a libsdrt function. */
+const char *sdrt_last_error(const sdrt_context *ctx);
+
+/* Close ctx and free it (NULL: no-op).  Waits for a running sdrt_generate on ctx to return; the caller
+ * must not start new calls on ctx once this is called. */
+void sdrt_context_close(sdrt_context *ctx);
+
+/* END CFFI DECLARATIONS */
+
+/* The first published layouts: a struct_size below these is SDRT_ERR_INPUT. */
+#define SDRT_CONTEXT_PARAMS_SIZE_V1 (offsetof(sdrt_context_params, log_level))
+#define SDRT_GENERATE_PARAMS_SIZE_V1 (sizeof(sdrt_generate_params))
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SDRT_H */

@@ -1,0 +1,263 @@
+"""The Python side of libsdrt, the C ABI in ``capi/sdrt.h``: C structs in, ``Pipeline`` calls, statuses out.
+
+capi/_init.py (frozen into the library by cffi's embedding mode) calls ``start`` once and forwards
+each ``sdrt__py_*`` entry point here. Every function returns 1 + an ``sdrt_status`` and stores its
+one-line message with ``lib.sdrt__set_error``; no exception leaves this module. The argument rules
+are the CLI's (sdrt.cli, sdrt.generate_cli): the same ``SdrtError`` subclasses become statuses.
+Nothing imports cffi here: ``ffi``/``lib`` come from the library.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdrt.errors import ArtifactError, Cancelled, InputError, ModelError, NumericsError, SdrtError
+
+log = logging.getLogger(__name__)
+
+OK, ERR_INPUT, ERR_ARTIFACT, ERR_CANCELLED, ERR_INTERNAL, ERR_IO = 0, 2, 3, 4, 5, 6
+MODES = ("txt2img", "img2img", "inpaint")
+STRENGTH_DEFAULT = -1.0  # SDRT_STRENGTH_DEFAULT
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+ffi = lib = None
+_contexts: dict[int, "_Context"] = {}
+_local = threading.local()  # .context: the context whose call runs on this thread (log routing)
+_log_stderr = False
+
+
+@dataclass
+class _Context:
+    log_fn: object  # sdrt_log_fn cdata or None
+    log_data: object
+    log_level: int
+    pipe: object = None
+
+
+def _key(ctx) -> int:
+    return int(ffi.cast("uintptr_t", ctx))
+
+
+class _ToContextLog(logging.Handler):
+    """Routes records to the log callback of the context running on this thread; without one, to
+    stderr only when the host set SDRT_LOG_STDERR=1."""
+
+    def emit(self, record):
+        context = getattr(_local, "context", None)
+        message = " ".join(record.getMessage().split())
+        if record.exc_info and record.exc_info[1] is not None:
+            message += f" ({type(record.exc_info[1]).__name__}: {' '.join(str(record.exc_info[1]).split())})"
+        if context is not None and context.log_fn is not None:
+            if record.levelno >= context.log_level:
+                context.log_fn(record.levelno, message.encode("utf-8", "replace"), context.log_data)
+        elif _log_stderr:
+            sys.__stderr__.write(f"sdrt {record.levelname.lower()} {record.name}: {message}\n")
+
+    def handleError(self, record):  # a failing log callback must not print a traceback
+        pass
+
+
+class _LogStream(io.TextIOBase):
+    """sys.stdout / sys.stderr of an interpreter libsdrt started: lines become log records."""
+
+    def __init__(self, level: int):
+        self.level, self.pending = level, ""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                logging.getLogger("sdrt.stdio").log(self.level, "%s", line)
+        return len(text)
+
+
+def start(ffi_, lib_, own_interpreter: bool, log_stderr: bool) -> None:
+    """Once per process: keep ffi/lib and route logging (and, in our own interpreter, stdio) to contexts."""
+    global ffi, lib, _log_stderr
+    ffi, lib, _log_stderr = ffi_, lib_, log_stderr
+    handler = _ToContextLog(logging.DEBUG)
+    if own_interpreter:
+        logging.captureWarnings(True)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+        sys.stdout, sys.stderr = _LogStream(logging.INFO), _LogStream(logging.WARNING)
+        import onnxruntime  # its C++ logger writes to fd 2; errors reach us as exceptions anyway
+
+        onnxruntime.set_default_logger_severity(3 if log_stderr else 4)
+    else:  # the host's interpreter: add a route for sdrt's records, change nothing else
+        logging.getLogger("sdrt").addHandler(handler)
+    _update_level()
+
+
+def _update_level():
+    levels = [c.log_level for c in _contexts.values() if c.log_fn is not None]
+    logging.getLogger("sdrt").setLevel(min(levels + [logging.WARNING]))
+
+
+def _call(ctx, context, work, *args, failure=ERR_INPUT) -> int:
+    """Run ``work`` on behalf of ``ctx``; map its exception to a status and a one-line message."""
+    previous, _local.context = getattr(_local, "context", None), context
+    try:
+        work(*args)
+        return 1 + OK
+    except Cancelled as exc:
+        status, message = ERR_CANCELLED, str(exc)
+    except (ArtifactError, ModelError) as exc:
+        status, message = ERR_ARTIFACT, str(exc)
+    except NumericsError as exc:
+        status, message = ERR_INTERNAL, str(exc)
+    except SdrtError as exc:
+        status, message = (ERR_INPUT if isinstance(exc, InputError) else failure), str(exc)
+    except BaseException as exc:  # a bug, MemoryError, an ONNX Runtime failure: never into C
+        log.error("internal error", exc_info=True)
+        status, message = ERR_INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    finally:
+        _local.context = previous
+    lib.sdrt__set_error(ctx, " ".join(message.split()).encode("utf-8", "replace"))
+    return 1 + status
+
+
+def _text(pointer, what: str, default: str | None = None) -> str | None:
+    if pointer == ffi.NULL:
+        return default
+    try:
+        return ffi.string(pointer).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{what} is not valid UTF-8") from None
+
+
+def _path(pointer) -> str:
+    return os.fsdecode(ffi.string(pointer))
+
+
+def _float(value: float) -> float:
+    """A C float as the decimal the caller wrote (7.3f -> 7.3), so guidance matches the Python API's."""
+    return float(str(np.float32(value)))
+
+
+def _image(pointer, what: str):
+    """An sdrt_image -> a PIL image (copied)."""
+    from PIL import Image
+
+    image = pointer[0]
+    if image.data == ffi.NULL or image.width == 0 or image.height == 0:
+        raise InputError(f"{what} has no pixels (data NULL or a zero size)")
+    if image.channels not in PIL_MODES:
+        raise InputError(f"{what}.channels is {image.channels}; it must be 1 (gray), 3 (RGB) or 4 (RGBA)")
+    size = image.width * image.height * image.channels
+    if size > 1 << 31:
+        raise InputError(f"{what} is {image.width}x{image.height}x{image.channels}: more than 2 GiB")
+    return Image.frombytes(PIL_MODES[image.channels], (image.width, image.height), ffi.buffer(image.data, size))
+
+
+def open_context(ctx, p) -> int:
+    context = _Context(p.log if p.log != ffi.NULL else None, p.log_user_data, p.log_level)
+
+    def work():
+        from sdrt.backends import BACKENDS
+        from sdrt.pipeline import Pipeline
+
+        backend = _text(p.backend, "backend", "ort-cpu")
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        if p.threads < 0:
+            raise InputError(f"threads must be >= 0 (0: the usable cores), got {p.threads}")
+        context.pipe = Pipeline(_path(p.engine_dir), backend=backend, threads=p.threads or None)
+        _contexts[_key(ctx)] = context
+        _update_level()
+
+    return _call(ffi.NULL, context, work)
+
+
+def generate(ctx, p, epoch, images_out, count_out, seed_out) -> int:
+    context = _contexts.get(_key(ctx))
+    if context is None:
+        lib.sdrt__set_error(ctx, b"sdrt_generate: ctx is not an open sdrt_context")
+        return 1 + ERR_INPUT
+    return _call(ctx, context, _generate, ctx, context.pipe, p, epoch, images_out, count_out, seed_out)
+
+
+def _generate(ctx, pipe, p, epoch, images_out, count_out, seed_out) -> None:
+    mode = _text(p.mode, "mode", "txt2img")
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    needs = {"txt2img": (), "img2img": ("init_image",), "inpaint": ("init_image", "mask_image")}[mode]
+    inputs = {}
+    for field in ("init_image", "mask_image"):
+        pointer = getattr(p, field)
+        if field in needs and pointer == ffi.NULL:
+            raise InputError(f"{mode} needs {field}")
+        if field not in needs and pointer != ffi.NULL:
+            raise InputError(f"{field} is not used by {mode}; set it to NULL")
+        if pointer != ffi.NULL:
+            inputs[field] = _image(pointer, field)
+    progress, user_data = p.progress, p.user_data
+
+    def on_step(i, total, t, latents):
+        if progress != ffi.NULL and progress(i + 1, total, user_data) != 0:
+            return False
+        if lib.sdrt__cancelled(ctx, epoch):
+            raise Cancelled(f"cancelled by sdrt_cancel at step {i + 1}/{total}")
+        return None
+
+    if lib.sdrt__cancelled(ctx, epoch):
+        raise Cancelled("cancelled by sdrt_cancel before the first step")
+    options = {"negative_prompt": _text(p.negative_prompt, "negative_prompt", ""), "steps": p.steps,
+               "guidance": _float(p.guidance), "seed": None if p.seed == -1 else int(p.seed),
+               "width": p.width or None, "height": p.height or None,
+               "scheduler": _text(p.scheduler, "scheduler"), "batch": p.batch, "callback": on_step}
+    prompt = _text(p.prompt, "prompt")
+    strength = None if p.strength == STRENGTH_DEFAULT else _float(p.strength)
+    if mode == "txt2img":
+        result = pipe.txt2img(prompt, **options)
+    elif mode == "img2img":
+        result = pipe.img2img(inputs["init_image"], prompt, strength=0.75 if strength is None else strength,
+                              **options)
+    else:
+        result = pipe.inpaint(inputs["init_image"], inputs["mask_image"], prompt, strength=strength, **options)
+    pixels = np.ascontiguousarray(result.images)
+    count, height, width, channels = pixels.shape
+    images = lib.sdrt__alloc_images(count, width, height, channels)
+    if images == ffi.NULL:
+        raise MemoryError(f"cannot allocate {count} images of {width}x{height}")
+    for i in range(count):
+        ffi.memmove(images[i].data, pixels[i], pixels[i].nbytes)
+    images_out[0], count_out[0], seed_out[0] = images, count, result.seed
+
+
+def save_png(image, path, parameters) -> int:
+    def work():
+        from sdrt.images import save_png as save
+
+        target = _path(path)
+        if not target.lower().endswith(".png"):
+            raise InputError(f"path must name a .png file, got {target}")
+        picture = np.asarray(_image(image, "image"))
+        save(picture, target, _text(parameters, "parameters"))
+
+    return _call(ffi.NULL, getattr(_local, "context", None), work, failure=ERR_IO)
+
+
+def close_context(ctx) -> int:
+    context = _contexts.pop(_key(ctx), None)
+
+    def work():
+        if context is not None:
+            context.pipe = None
+            _update_level()
+            gc.collect()  # the Pipeline holds reference cycles; free its ONNX Runtime sessions now
+
+    return _call(ffi.NULL, context, work)
