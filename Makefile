@@ -7,7 +7,7 @@ MODEL ?= engines/tiny-model
 ENGINES ?= engines/tiny
 OUTDIR ?= engines/out
 
-.PHONY: install demo test gpu-test clean
+.PHONY: install demo test gpu-test capi clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,5 +36,9 @@ test: install
 gpu-test: install
 	$(BIN)/python -m pytest -m gpu -q
 
+# libsdrt, the C ABI (capi/sdrt.h): build/capi/libsdrt.so, sdrt.pc and the examples/c/txt2img example
+capi: install
+	$(BIN)/python capi/build.py build/capi
+
 clean:
-	rm -rf $(VENV) engines/tiny engines/tiny-model engines/out
+	rm -rf $(VENV) engines/tiny engines/tiny-model engines/out build
