@@ -21,17 +21,25 @@ GPU_BACKENDS = ("ort-cuda", "tensorrt", "tensorrt-rtx")
 
 
 def loop_namespace(backend: str, requested=None):
-    """The namespace the loop runs in: ``requested`` if given, cupy for GPU backends when installed, else numpy."""
+    """The namespace the loop runs in: ``requested`` if given, cupy for GPU backends when it is installed and
+    sees a CUDA device, else numpy."""
     if requested is not None:
         return requested
-    if backend in GPU_BACKENDS:
-        try:
-            import cupy
-
+    if backend not in GPU_BACKENDS:
+        return np
+    try:
+        import cupy
+    except ImportError:
+        log.debug("cupy is not installed: the %s loop runs on host arrays (pip install 'sdrt[gpu]' to keep "
+                  "latents on the GPU)", backend)
+        return np
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
             return cupy
-        except ImportError:
-            log.debug("cupy is not installed: the %s loop runs on host arrays (pip install cupy-cuda12x to keep "
-                     "latents on the GPU)", backend)
+        why = "no CUDA device"
+    except Exception as exc:  # cupy raises CUDARuntimeError without a driver
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+    log.warning("cupy sees no GPU (%s): the %s loop runs on host arrays", why, backend)
     return np
 
 

@@ -4,9 +4,13 @@ Engines are wrapped to take and give array_api_strict arrays, as the TensorRT an
 and give cupy arrays. The images must equal the numpy loop's, and the loop must not read device arrays
 back on the host per step: every device-to-host crossing is counted, and the count may not grow with the
 number of steps (the NaN/inf guard's per-step sums and the decoded image cross once each).
+Also: which namespace GPU backends get (cupy only when it sees a device), and, on a GPU, the loop in cupy.
 """
 
 from __future__ import annotations
+
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -97,6 +101,38 @@ def test_device_nan_guard_names_the_step(tiny_engine_dir, crossings):
     device = device_pipeline(tiny_engine_dir, poison_call=3)
     with pytest.raises(NumericsError, match=r"latents at step 3/5"):
         device.txt2img("a cat", steps=5, guidance=1.0, seed=0, width=64, height=64, scheduler="Euler")
+
+
+def _cupy_module(devices):
+    """A stand-in for cupy as ``loop_namespace`` probes it: ``devices`` GPUs, or an exception to raise."""
+    def count():
+        if isinstance(devices, Exception):
+            raise devices
+        return devices
+
+    return types.SimpleNamespace(__name__="cupy", cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(
+        getDeviceCount=count)))
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx"])
+def test_loop_namespace_picks_cupy_for_gpu_backends_with_a_device(monkeypatch, backend):
+    from sdrt.arrays import GPU_BACKENDS, loop_namespace
+
+    cupy = _cupy_module(1)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    assert loop_namespace(backend) is (cupy if backend in GPU_BACKENDS else np)
+    assert loop_namespace(backend, xs) is xs  # an explicit namespace wins
+    for absent in (_cupy_module(0), _cupy_module(RuntimeError("cudaErrorNoDevice: no CUDA-capable device")), None):
+        monkeypatch.setitem(sys.modules, "cupy", absent)  # None: not installed (import raises ImportError)
+        assert loop_namespace(backend) is np
+
+
+def test_pipeline_runs_its_gpu_loop_in_cupy_when_present(tiny_engine_dir, monkeypatch):
+    cupy = _cupy_module(1)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    assert Pipeline(tiny_engine_dir, backend="tensorrt").xp is cupy  # opening engines waits for the first use
+    assert Pipeline(tiny_engine_dir, backend="ort-cuda").xp is cupy
+    assert Pipeline(tiny_engine_dir).xp is np
 
 
 class CupyEngine:
