@@ -20,6 +20,10 @@ class SchedulerNameError(InputError):
     """A scheduler name or ``_class_name`` sdrt does not know."""
 
 
+class SchedulerConfigError(InputError):
+    """A scheduler config key or value that changes the chosen scheduler's math and that sdrt does not implement."""
+
+
 class ModelError(SdrtError):
     """A model folder is missing, unreadable, not a Stable Diffusion pipeline, or unsupported."""
 

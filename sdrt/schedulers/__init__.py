@@ -88,15 +88,17 @@ def scheduler_class(class_name: str) -> type[Scheduler]:
 def from_config(source: dict | str | Path, name: str | None = None) -> Scheduler:
     """A scheduler from a diffusers config (dict, json file or folder), optionally renamed.
 
-    As ``diffusers.XScheduler.from_config(config)``: keys the config sets are kept, the others take
-    the chosen class's defaults; overrides implied by ``name`` (e.g. Karras sigmas) win.
+    As ``diffusers.XScheduler.from_config(config)``: the keys the chosen class reads take the config's
+    values, the others its defaults, keys it does not read (written for another class) are ignored;
+    overrides implied by ``name`` (e.g. Karras sigmas) win. A key that would change the chosen class's
+    math in a way sdrt does not implement raises ``SchedulerConfigError`` (``SchedulerConfig.from_dict``).
     """
     data = read_config(source)
     class_name, overrides = resolve(name) if name else (data.get("_class_name"), {})
     if class_name is None:
         raise SchedulerNameError("scheduler config has no _class_name; pass a scheduler name")
     cls = scheduler_class(class_name)
-    config = SchedulerConfig.from_dict({**data, **overrides}, cls.defaults)
+    config = SchedulerConfig.from_dict({**data, **overrides}, cls)
     return cls(config)
 
 

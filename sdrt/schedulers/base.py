@@ -20,6 +20,14 @@ class Scheduler:
 
     class_name = ""  # the diffusers class this file matches
     defaults: dict = {}  # that class's config defaults, applied to keys a config file leaves out
+    # the config keys that class reads (its __init__ arguments), split as ``config.SchedulerConfig.from_dict``
+    # uses them: ``keys`` are implemented, ``refused`` maps each unimplemented key to its one inert value,
+    # ``inert`` keys only act through refused ones; other keys of a config file are ignored, as by diffusers
+    keys: frozenset = frozenset()
+    refused: dict = {}
+    inert: frozenset = frozenset()
+    choices: dict = {}  # key -> implemented values, narrowing or widening ``config.CHOICES``
+    renames: dict = {}  # key -> {value: value diffusers' __init__ rewrites it to}
     order = 1
     stochastic = False  # True when step() draws noise from a generator
 

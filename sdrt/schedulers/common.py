@@ -159,13 +159,6 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
     return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).astype(np.float32)
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, 'Elucidating the Design Space of Diffusion-Based Generative Models', Eq. 5."""
-    ramp = np.linspace(0, 1, n)
-    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv + ramp * (min_inv - max_inv)) ** rho
-
-
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma by interpolation in log-sigma (diffusers ``_sigma_to_t``)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))

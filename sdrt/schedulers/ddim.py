@@ -7,6 +7,7 @@ import numpy as np
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import (StepOutput, add_noise_vp, clip_x0, need_generator, plain_alphas_cumprod,
                                     predicted_x0_eps, spaced_timesteps, to_namespace)
+from sdrt.schedulers.config import BASE_KEYS, CLIP_KEYS, THRESHOLD_KEYS
 
 f32 = np.float32
 
@@ -16,6 +17,7 @@ class DDIM(Scheduler):
 
     class_name = "DDIMScheduler"
     defaults = {"clip_sample": True, "set_alpha_to_one": True, "timestep_spacing": "leading"}
+    keys = BASE_KEYS | CLIP_KEYS | THRESHOLD_KEYS | {"set_alpha_to_one", "rescale_betas_zero_snr"}
 
     def __init__(self, config):
         super().__init__(config)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdrt.errors import InputError
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import (StepOutput, add_noise_vp, clip_x0, need_generator, plain_alphas_cumprod,
                                     predicted_x0_eps, spaced_timesteps, to_namespace)
+from sdrt.schedulers.config import BASE_KEYS, CLIP_KEYS, THRESHOLD_KEYS
 
 f32 = np.float32
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
@@ -19,12 +19,12 @@ class DDPM(Scheduler):
 
     class_name = "DDPMScheduler"
     defaults = {"clip_sample": True, "timestep_spacing": "leading", "variance_type": "fixed_small"}
+    keys = BASE_KEYS | CLIP_KEYS | THRESHOLD_KEYS | {"variance_type", "rescale_betas_zero_snr"}
+    choices = {"variance_type": VARIANCE_TYPES}  # not 'learned' / 'learned_range' (a UNet predicting its variance)
     stochastic = True
 
     def __init__(self, config):
         super().__init__(config)
-        if config.variance_type not in VARIANCE_TYPES:
-            raise InputError(f"DDPM variance_type {config.variance_type!r} is not supported ({', '.join(VARIANCE_TYPES)})")
         self.alphas_cumprod = plain_alphas_cumprod(config)
         self._prev = {}
 

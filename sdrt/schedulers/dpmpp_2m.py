@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, SchedulerConfigError
 from sdrt.schedulers.common import (StepOutput, astype, check_steps, namespace, need_generator, per_item, sigma_to_t,
                                     threshold_sample, to_namespace)
-from sdrt.schedulers.sigmas import SigmaScheduler, f32, final_sigma, karras
+from sdrt.schedulers.config import BASE_KEYS, FLOW_INERT, FLOW_REFUSED, RAMP_KEYS, THRESHOLD_KEYS
+from sdrt.schedulers.sigmas import SigmaScheduler, f32, final_sigma, ramp_sigmas
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+
+
+def lu_lambdas(log_sigmas: np.ndarray, n: int) -> np.ndarray:
+    """log sigma (= -lambda) evenly spaced between the ends of descending ``log_sigmas``: uniform log-SNR steps
+    (Lu et al. 2022, 'DPM-Solver', Sec. 3.3; diffusers ``_convert_to_lu``), float64."""
+    lo, hi = float(log_sigmas[-1]), float(log_sigmas[0])
+    return hi + np.linspace(0, 1, n) * (lo - hi)
 
 
 def dpm_timesteps(config, n: int, last: int) -> np.ndarray:
@@ -31,20 +39,24 @@ class DPMSolverMultistep(SigmaScheduler):
 
     class_name = "DPMSolverMultistepScheduler"
     defaults = {"timestep_spacing": "linspace", "variance_type": None}
+    keys = BASE_KEYS | THRESHOLD_KEYS | RAMP_KEYS | {
+        "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_lu_lambdas",
+        "final_sigmas_type", "lambda_min_clipped", "variance_type", "rescale_betas_zero_snr"}
+    refused = FLOW_REFUSED
+    inert = FLOW_INERT
+    # variance_type 'learned' / 'learned_range' (a UNet predicting its variance) is not implemented
+    choices = {"algorithm_type": ALGORITHMS, "solver_type": ("midpoint", "heun"), "solver_order": (1, 2, 3),
+               "variance_type": (None,)}
+    renames = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}}  # as diffusers' __init__
 
     def __init__(self, config):
         super().__init__(config)
-        if config.algorithm_type not in ALGORITHMS:
-            raise InputError(f"algorithm_type {config.algorithm_type!r} is not supported ({', '.join(ALGORITHMS)})")
-        if config.solver_type not in ("midpoint", "heun"):
-            raise InputError(f"solver_type {config.solver_type!r} is not supported (midpoint, heun)")
-        if config.solver_order not in (1, 2, 3):
-            raise InputError(f"solver_order must be 1, 2 or 3, got {config.solver_order}")
         if config.algorithm_type in ("dpmsolver", "sde-dpmsolver") and config.final_sigmas_type == "zero":
-            raise InputError(f"final_sigmas_type 'zero' needs algorithm_type dpmsolver++ or sde-dpmsolver++, "
-                             f"not {config.algorithm_type!r}; use final_sigmas_type 'sigma_min'")
+            raise SchedulerConfigError(
+                f"{self.class_name}: final_sigmas_type 'zero' needs algorithm_type dpmsolver++ or sde-dpmsolver++, "
+                f"not {config.algorithm_type!r}; use final_sigmas_type 'sigma_min'")
         if config.algorithm_type == "sde-dpmsolver" and config.solver_order == 3:
-            raise InputError("sde-dpmsolver has no third-order update (diffusers neither)")
+            raise SchedulerConfigError(f"{self.class_name}: sde-dpmsolver has no third-order update (diffusers neither)")
         self.stochastic = config.algorithm_type.startswith("sde")
         a = self.alphas_cumprod
         self.lambda_t = np.log(np.sqrt(a)) - np.log(np.sqrt(1 - a))
@@ -53,14 +65,17 @@ class DPMSolverMultistep(SigmaScheduler):
         cfg = self.config
         clipped = int(np.searchsorted(self.lambda_t[::-1], cfg.lambda_min_clipped))
         timesteps = dpm_timesteps(cfg, num_inference_steps, cfg.num_train_timesteps - clipped)
-        sigmas = self.train_sigmas
-        if cfg.use_karras_sigmas:
-            sigmas = karras(sigmas[::-1], num_inference_steps, cfg)
-            timesteps = sigma_to_t(sigmas, np.log(self.train_sigmas))
-            if cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
+        sigmas, log_sigmas = self.train_sigmas, np.log(self.train_sigmas)
+        if cfg.use_lu_lambdas and not cfg.use_karras_sigmas:  # diffusers' precedence: Karras, Lu, exponential, beta
+            sigmas = np.exp(lu_lambdas(log_sigmas[::-1], num_inference_steps))
         else:
-            sigmas = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+            sigmas = ramp_sigmas(cfg, sigmas[::-1], num_inference_steps)
+        if sigmas is None:
+            sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        else:
+            timesteps = sigma_to_t(sigmas, log_sigmas)
+            if (cfg.use_karras_sigmas or cfg.use_lu_lambdas) and cfg.beta_schedule != "squaredcos_cap_v2":
+                timesteps = timesteps.round()  # exponential / beta timesteps are truncated below, as diffusers
         self.sigmas = np.concatenate([sigmas, [final_sigma(cfg, self.train_sigmas)]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.int64)
         self.num_inference_steps = len(self.timesteps)
@@ -94,10 +109,6 @@ class DPMSolverMultistep(SigmaScheduler):
         """The model output as x0 (dpmsolver++) or eps (dpmsolver), as diffusers ``convert_model_output``."""
         cfg, kind = self.config, self.config.prediction_type
         alpha, sigma = float(self.alpha_s[i]), float(self.sigma_s[i])
-        if cfg.variance_type in ("learned", "learned_range"):
-            model_output = model_output[:, :3, ...]
-        if kind not in ("epsilon", "sample", "v_prediction"):
-            raise InputError(f"prediction_type {kind!r} is not supported (epsilon, sample, v_prediction)")
         if cfg.algorithm_type.endswith("++"):
             x0 = {"epsilon": lambda: (sample - sigma * model_output) / alpha, "sample": lambda: model_output,
                   "v_prediction": lambda: alpha * sample - sigma * model_output}[kind]()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdrt.errors import InputError
 from sdrt.schedulers.common import StepOutput, astype, namespace
+from sdrt.schedulers.config import BASE_KEYS, RAMP_KEYS
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, final_sigma, k_schedule, noise_sigma, x0_from
 
 
@@ -15,16 +15,13 @@ class Euler(SigmaScheduler):
 
     class_name = "EulerDiscreteScheduler"
     defaults = {"timestep_spacing": "linspace"}
+    keys = BASE_KEYS | RAMP_KEYS | {"interpolation_type", "timestep_type", "rescale_betas_zero_snr", "final_sigmas_type"}
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         cfg = self.config
-        if cfg.interpolation_type not in ("linear", "log_linear"):
-            raise InputError(f"interpolation_type {cfg.interpolation_type!r} is not supported (linear, log_linear)")
-        if cfg.timestep_type not in ("discrete", "continuous"):
-            raise InputError(f"timestep_type {cfg.timestep_type!r} is not supported (discrete, continuous)")
-        timesteps, self.sigmas = k_schedule(
-            cfg, self.train_sigmas, num_inference_steps, final_sigma(cfg, self.train_sigmas),
-            config_range=True, log_linear=cfg.interpolation_type == "log_linear")
+        timesteps, self.sigmas = k_schedule(cfg, self.train_sigmas, num_inference_steps,
+                                            final_sigma(cfg, self.train_sigmas),
+                                            log_linear=cfg.interpolation_type == "log_linear")
         if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
             timesteps = f32(0.25) * np.log(self.sigmas[:-1])
         self.timesteps = timesteps.astype(np.float32)

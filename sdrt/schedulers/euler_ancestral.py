@@ -3,12 +3,10 @@ k-diffusion ``sample_euler_ancestral``; Karras et al. 2022); diffusers ``EulerAn
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
-from sdrt.errors import InputError
 from sdrt.schedulers.common import StepOutput, astype, namespace, need_generator, to_namespace
+from sdrt.schedulers.config import BASE_KEYS
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, k_schedule, noise_sigma, x0_from
 
 
@@ -17,10 +15,12 @@ class EulerAncestral(SigmaScheduler):
 
     class_name = "EulerAncestralDiscreteScheduler"
     defaults = {"timestep_spacing": "linspace"}
+    keys = BASE_KEYS | {"rescale_betas_zero_snr"}
+    choices = {"prediction_type": ("epsilon", "v_prediction")}  # diffusers raises on 'sample' at the first step
     stochastic = True
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        cfg = replace(self.config, use_karras_sigmas=False)  # the diffusers class has no such option
+        cfg = self.config
         timesteps, self.sigmas = k_schedule(cfg, self.train_sigmas, num_inference_steps)
         self.timesteps = timesteps.astype(np.float32)
         self.num_inference_steps = int(num_inference_steps)
@@ -30,8 +30,6 @@ class EulerAncestral(SigmaScheduler):
     def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
         # x_{i+1} = x_i + (sigma_down - sigma_i) d_i + sigma_up z,  sigma_up^2 + sigma_down^2 = sigma_{i+1}^2
         need_generator(generator, "Euler ancestral")
-        if self.config.prediction_type == "sample":
-            raise InputError("EulerAncestralDiscreteScheduler does not support prediction_type 'sample'")
         i = self._init_step_index(timestep)
         s_from, s_to = f32(self.sigmas[i]), f32(self.sigmas[i + 1])
         sigma_up = np.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))

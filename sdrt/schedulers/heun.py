@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdrt.schedulers.common import StepOutput, namespace
+from sdrt.schedulers.config import BASE_KEYS, CLIP_KEYS, RAMP_KEYS
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, k_schedule, noise_sigma, x0_from
 
 
@@ -15,8 +16,8 @@ class Heun(SigmaScheduler):
 
     class_name = "HeunDiscreteScheduler"
     defaults = {"beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "linspace"}
+    keys = BASE_KEYS | RAMP_KEYS | CLIP_KEYS
     order = 2
-    has_zero_snr = False
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         timesteps, sigmas = k_schedule(self.config, self.train_sigmas, num_inference_steps)

@@ -8,6 +8,7 @@ from sdrt.errors import InputError
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import (StepOutput, add_noise_vp, check_steps, clip_x0, need_generator,
                                     plain_alphas_cumprod, predicted_x0_eps, to_namespace)
+from sdrt.schedulers.config import BASE_KEYS, CLIP_KEYS, THRESHOLD_KEYS
 
 f32 = np.float32
 SIGMA_DATA = 0.5
@@ -19,6 +20,8 @@ class LCM(Scheduler):
     class_name = "LCMScheduler"
     defaults = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                 "set_alpha_to_one": True, "timestep_spacing": "leading", "original_inference_steps": 50}
+    keys = BASE_KEYS | CLIP_KEYS | THRESHOLD_KEYS | {"original_inference_steps", "set_alpha_to_one", "timestep_scaling",
+                                                     "rescale_betas_zero_snr"}
     stochastic = True
 
     def __init__(self, config):

@@ -7,6 +7,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from sdrt.schedulers.common import StepOutput
+from sdrt.schedulers.config import BASE_KEYS, RAMP_KEYS
 from sdrt.schedulers.sigmas import SigmaScheduler, f32, k_schedule, noise_sigma, x0_from
 
 MAX_ORDER = 4
@@ -33,10 +34,10 @@ class LMS(SigmaScheduler):
 
     class_name = "LMSDiscreteScheduler"
     defaults = {"timestep_spacing": "linspace"}
-    has_zero_snr = False
+    keys = BASE_KEYS | RAMP_KEYS  # sigma_min / sigma_max: exponential and beta ramps only, as diffusers
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        timesteps, self.sigmas = k_schedule(self.config, self.train_sigmas, num_inference_steps)
+        timesteps, self.sigmas = k_schedule(self.config, self.train_sigmas, num_inference_steps, karras_range=False)
         self.timesteps = timesteps.astype(np.float32)
         self.num_inference_steps = int(num_inference_steps)
         self.init_noise_sigma = noise_sigma(self.config, self.sigmas)

@@ -10,6 +10,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.schedulers.base import Scheduler
 from sdrt.schedulers.common import StepOutput, add_noise_vp, plain_alphas_cumprod, spaced_timesteps
+from sdrt.schedulers.config import BASE_KEYS
 
 f32 = np.float32
 
@@ -19,11 +20,11 @@ class PNDM(Scheduler):
 
     class_name = "PNDMScheduler"
     defaults = {"skip_prk_steps": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+    keys = BASE_KEYS | {"skip_prk_steps", "set_alpha_to_one"}
+    choices = {"prediction_type": ("epsilon", "v_prediction")}
 
     def __init__(self, config):
         super().__init__(config)
-        if config.prediction_type not in ("epsilon", "v_prediction"):
-            raise InputError(f"PNDM supports prediction_type epsilon or v_prediction, not {config.prediction_type!r}")
         self.alphas_cumprod = plain_alphas_cumprod(config)
         self.final_alpha_cumprod = f32(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
         self._reset()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, SchedulerConfigError
 from sdrt.schedulers.base import Scheduler
-from sdrt.schedulers.common import (StepOutput, check_steps, karras_sigmas, make_alphas_cumprod, sigma_to_t,
+from sdrt.schedulers.common import (StepOutput, check_steps, make_alphas_cumprod, sigma_to_t,
                                     sigmas_from_alphas_cumprod, threshold_sample, to_namespace)
+from sdrt.schedulers.config import BASE_KEYS, FLOW_INERT, FLOW_REFUSED, RAMP_KEYS, THRESHOLD_KEYS
+from sdrt.schedulers.sigmas import ramp_sigmas
 
 f32 = np.float32
 
@@ -19,14 +21,19 @@ class UniPC(Scheduler):
     class_name = "UniPCMultistepScheduler"
     defaults = {"timestep_spacing": "linspace", "solver_type": "bh2", "solver_order": 2, "predict_x0": True,
                 "lower_order_final": True, "final_sigmas_type": "zero", "use_karras_sigmas": False}
+    keys = BASE_KEYS | THRESHOLD_KEYS | RAMP_KEYS | {"solver_order", "predict_x0", "solver_type", "lower_order_final",
+                                                     "disable_corrector", "final_sigmas_type", "rescale_betas_zero_snr"}
+    refused = {**FLOW_REFUSED, "solver_p": None}  # solver_p: another scheduler as predictor
+    inert = FLOW_INERT | {"shift_terminal"}  # shift_terminal: flow sigmas only
+    choices = {"solver_type": ("bh1", "bh2")}
+    renames = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}  # as diffusers' __init__
 
     def __init__(self, config):
         super().__init__(config)
-        if config.solver_type not in ("bh1", "bh2", "midpoint", "heun", "logrho"):
-            raise InputError(f"UniPC solver_type {config.solver_type!r} is not supported (bh1, bh2)")
-        if config.prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise InputError(f"UniPC prediction_type {config.prediction_type!r} is not supported")
-        self.bh1 = config.solver_type == "bh1"  # diffusers maps midpoint/heun/logrho to bh2
+        if not isinstance(config.solver_order, int) or config.solver_order < 1:
+            raise SchedulerConfigError(f"{self.class_name}: solver_order must be an integer >= 1, "
+                                       f"got {config.solver_order!r}")
+        self.bh1 = config.solver_type == "bh1"
         self.alphas_cumprod = make_alphas_cumprod(config)
         self._begin_index = None
 
@@ -43,15 +50,14 @@ class UniPC(Scheduler):
         else:
             raise InputError(f"timestep_spacing {spacing!r} is not supported (leading, trailing, linspace)")
         full = sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        if cfg.use_karras_sigmas:
-            sig = karras_sigmas(float(full[0]), float(full[-1]), n)
-            ts = sigma_to_t(sig, np.log(full)).round()
+        sig = ramp_sigmas(cfg, full[::-1], n)
+        if sig is not None:
+            ts = sigma_to_t(sig, np.log(full))
+            ts = ts.round() if cfg.use_karras_sigmas else ts  # exponential / beta: truncated below, as diffusers
             last = sig[-1]
         else:
             sig = np.interp(ts.astype(np.int64), np.arange(len(full)), full)
             last = full[0]
-        if cfg.final_sigmas_type not in ("zero", "sigma_min"):
-            raise InputError(f"final_sigmas_type {cfg.final_sigmas_type!r} is not supported (zero, sigma_min)")
         to_zero = cfg.final_sigmas_type == "zero"
         if to_zero and (not cfg.predict_x0 or (not cfg.lower_order_final and cfg.solver_order > 1 and n > 1)):
             raise InputError("UniPC with predict_x0=false or lower_order_final=false needs final_sigmas_type "
