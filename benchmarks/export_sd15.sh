@@ -28,7 +28,7 @@ run() {  # run LABEL CMD...: time + peak RSS via GNU time, the command's own out
     echo
 } >"$OUT"
 run make-model "$SDRT" make-model "$MODEL" --arch sd15
-run export "$SDRT" export --model "$MODEL" --out "$ENGINE" --json
+run export "$SDRT" -v export --model "$MODEL" --out "$ENGINE" --json
 {
     echo "== ENGINE_DIR files"
     (cd "$ENGINE" && ls -l --block-size=M -- *.onnx* manifest.json)

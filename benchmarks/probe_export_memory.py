@@ -1,6 +1,6 @@
 """RSS of a command (and its child processes) over time, for NOTES.md § Export memory.
 
-    python benchmarks/probe_export_memory.py .venv/bin/sdrt export --model /tmp/bench/sd15 --out /tmp/e
+    python benchmarks/probe_export_memory.py .venv/bin/sdrt -v export --model /tmp/bench/sd15 --out /tmp/e
 
 Prints the command's log lines with the RSS at that moment, then the peak and the largest RSS in each
 10-second window (which phase of a component's export holds the memory).
