@@ -73,7 +73,13 @@ class SdrtModel:
             return self.local.generate(req, on_step)
 
         future = loop.run_in_executor(self._pool, work)
-        future.add_done_callback(lambda _: events.put_nowait(("end",)))
+
+        def ended(done) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved here: after a cancelled stream nobody reads it
+            events.put_nowait(("end",))
+
+        future.add_done_callback(ended)
         try:
             yield ("started", self.local.replica, os.getpid())
             while (item := await events.get())[0] != "end":

@@ -1,0 +1,208 @@
+"""Throughput at saturation of ``sdrt serve``: one process (one Pipeline, all threads) against
+``sdrt serve --ray --replicas 2`` (two Pipelines, threads split between them), same machine, same load.
+
+    python benchmarks/serve_throughput.py --engines ENGINE_DIR [--clients 4 --requests 24 --steps 20 --size 128]
+    python benchmarks/serve_throughput.py --sd15 ENGINE_DIR        # SD1.5-shaped artifact: 256x256, 20 steps
+
+Each server is started on 127.0.0.1 (a free port), warmed up, then ``--clients`` threads post A1111
+``txt2img`` requests back to back (``--requests`` in all, distinct seeds) so the queue never empties.
+Reports images/s and p50/p99 latency per mode, writes ``--json`` and renders its own section of
+``benchmarks/RESULTS.md`` (between the ``serve_throughput`` markers; the rest of the file is left alone).
+The 1-minute load average before and after each mode is recorded: on a shared machine it says how much
+the figures can be trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+BEGIN, END = "<!-- serve_throughput:begin -->", "<!-- serve_throughput:end -->"
+CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine() -> dict:
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def start(mode: str, engines: str, threads: int, log_path: Path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "sdrt.cli", "serve", "--engines", engines, "--host", "127.0.0.1", "--port",
+           str(port), "--max-queue", "1000", "--max-steps", "1000"]
+    if mode == "local":
+        cmd += ["--threads", str(threads)]
+    else:
+        cmd += ["--ray", "--replicas", "2", "--threads", str(max(1, threads // 2)),
+                "--ray-temp-dir", tempfile.mkdtemp(prefix="sdrt-ray-", dir="/tmp")]
+    log = open(log_path, "w")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{mode} server exited with {proc.returncode}; see {log_path}")
+        try:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit(f"{mode} server not ready in 600 s; see {log_path}")
+
+
+def stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def post(url: str, seed: int, args) -> tuple[float, str]:
+    body = {"prompt": "a photo of a cat", "negative_prompt": "", "steps": args.steps, "cfg_scale": 7.5,
+            "seed": seed, "width": args.size, "height": args.size, "sampler_name": "Euler a"}
+    t = time.perf_counter()
+    response = requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=3600)
+    response.raise_for_status()
+    return time.perf_counter() - t, response.headers.get("X-Sdrt-Replica", "")
+
+
+def measure(mode: str, args, log_dir: Path) -> dict:
+    load_before = load1()
+    proc, url = start(mode, args.engines, args.threads, log_dir / f"{mode}.log")
+    try:
+        for seed in range(args.warmup):  # every replica opens its engines at start; this warms caches
+            post(url, 10_000 + seed, args)
+        latencies, replicas, lock = [], {}, threading.Lock()
+        seeds = iter(range(args.requests))
+
+        def client():
+            while True:
+                with lock:
+                    seed = next(seeds, None)
+                if seed is None:
+                    return
+                seconds, replica = post(url, seed, args)
+                with lock:
+                    latencies.append(seconds)
+                    replicas[replica] = replicas.get(replica, 0) + 1
+
+        t = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+    finally:
+        stop(proc)
+    lat = np.asarray(latencies)
+    return {"mode": mode, "images": len(lat), "wall_s": wall, "images_per_s": len(lat) / wall,
+            "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+            "replicas": len(replicas), "per_replica": sorted(replicas.values()),
+            "load_before": load_before, "load_after": load1()}
+
+
+def render(rep: dict) -> str:
+    m, c = rep["machine"], rep["config"]
+    local, ray = rep["modes"]["local"], rep["modes"]["ray"]
+    rows = ["| mode | images | images/s | p50 latency | p99 latency | replicas (requests each) | load1 before/after |",
+            "|---|---|---|---|---|---|---|"]
+    names = {"local": f"one process, {c['threads']} threads", "ray": f"Ray, 2 replicas × {max(1, c['threads'] // 2)} thread"}
+    for key, r in rep["modes"].items():
+        rows.append(f"| {names[key]} | {r['images']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} s | "
+                    f"{r['p99_s']:.2f} s | {r['replicas']} ({', '.join(map(str, r['per_replica']))}) | "
+                    f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
+    return "\n".join([
+        BEGIN, "## sdrt serve: throughput at saturation, one process vs Ray Serve (generated)", "",
+        "Generated by `benchmarks/serve_throughput.py` (do not edit by hand); notes in NOTES.md § Serving throughput.", "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; flags: {', '.join(m['flags']) or 'n/a'}; {m['platform']}; "
+        f"python {m['python']}",
+        f"- model: `{c['model']}`; A1111 txt2img {c['size']}×{c['size']}, {c['steps']} steps, Euler a, CFG 7.5; "
+        f"{c['clients']} clients back to back, {c['requests']} requests per mode after {c['warmup']} warm-up",
+        f"- {c['note']}", "", *rows, "",
+        f"Ray / one process: {ray['images_per_s'] / local['images_per_s']:.2f}× images/s, "
+        f"p50 {ray['p50_s'] / local['p50_s']:.2f}×.", END])
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engines", help="ENGINE_DIR (e.g. the tiny model's)")
+    parser.add_argument("--sd15", metavar="ENGINE_DIR", help="an SD1.5-shaped ENGINE_DIR: 256x256, fewer requests")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads of the one process")
+    parser.add_argument("--note", default="machine shared with other jobs during the run (see load1)")
+    parser.add_argument("--json", default="benchmarks/serve_throughput.json")
+    parser.add_argument("--results", default="benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    if args.sd15:
+        args.engines, args.size, args.requests, args.warmup = args.sd15, 256, min(args.requests, 8), 1
+    if not args.engines:
+        parser.error("give --engines ENGINE_DIR or --sd15 ENGINE_DIR")
+    log_dir = Path(tempfile.mkdtemp(prefix="serve_throughput-"))
+    rep = {"machine": machine(), "modes": {},
+           "config": {"model": Path(args.engines).name, "size": args.size, "steps": args.steps,
+                      "clients": args.clients, "requests": args.requests, "warmup": args.warmup,
+                      "threads": args.threads, "note": args.note}}
+    for mode in ("local", "ray"):
+        rep["modes"][mode] = measure(mode, args, log_dir)
+        print(json.dumps(rep["modes"][mode]), flush=True)
+    Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+    write_section(Path(args.results), render(rep))
+    print(f"wrote {args.json} and its section of {args.results} (server logs in {log_dir})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""``sdrt serve --ray --replicas 2`` on the tiny model, on 127.0.0.1: the A1111 and jobs endpoints give the
+Python API's pixels, responses name their Ray replica (two distinct ones), cancel reaches the replica,
+a replica killed mid-request fails that request with a 503 JSON and is restarted by Ray, and SIGTERM
+stops every process the server started. One server for the module (Ray's start is the slow part)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'sdrt[ray]'")
+requests = pytest.importorskip("requests")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+START_S = 300  # Ray + 2 replicas on a busy 2-core machine: about a minute; bounded here
+REQUEST_S = 120
+MODEL_REPLICA = "ray::ServeReplica:sdrt:SdrtModel"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line), from /proc."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(name)] = (ppid, cmd)
+    return out
+
+
+def _descendants(root: int) -> dict[int, str]:
+    procs, found, todo = _processes(), {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, cmd) in procs.items():
+            if ppid == parent and pid not in found:
+                found[pid] = cmd
+                todo.append(pid)
+    return found
+
+
+class Server:
+    def __init__(self, engine_dir, log_path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.temp_dir = tempfile.mkdtemp(prefix="sdrt-ray-", dir="/tmp")  # short: Ray's socket paths
+        self.log = open(log_path, "w+")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdrt.cli", "serve", "--engines", str(engine_dir), "--host", "127.0.0.1",
+             "--port", str(self.port), "--threads", "1", "--max-steps", "2000", "--drain-timeout", "10",
+             "--ray", "--replicas", "2", "--ray-temp-dir", self.temp_dir],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.seen: dict[int, str] = {}
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-6000:]
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"sdrt serve --ray exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        pytest.fail(f"not ready within {START_S} s:\n{self.output()}")
+
+    def track(self) -> dict[int, str]:
+        """Remember every process the server started (the cleanup check covers replicas Ray restarted)."""
+        self.seen.update(_descendants(self.proc.pid))
+        return self.seen
+
+    def model_replicas(self) -> list[int]:
+        return sorted(pid for pid, cmd in _descendants(self.proc.pid).items() if cmd.startswith(MODEL_REPLICA))
+
+    def stop(self, timeout=120) -> int | None:
+        self.track()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.alive():
+            time.sleep(0.5)
+        return self.proc.poll()
+
+    def alive(self) -> list[str]:
+        procs = _processes()
+        return [f"{pid} {cmd}" for pid, cmd in self.seen.items() if pid in procs and procs[pid][1] == cmd]
+
+    def kill_all(self) -> None:
+        for pid in [self.proc.pid, *self.seen]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine_dir, tmp_path_factory):
+    srv = Server(tiny_engine_dir, tmp_path_factory.mktemp("ray_serve") / "server.log")
+    try:
+        srv.wait_ready()
+        srv.track()
+        yield srv
+    finally:
+        srv.stop(timeout=60)
+        srv.kill_all()  # whatever SIGTERM left (test_sigterm_stops_every_ray_process checks it left nothing)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_engine_dir):
+    from sdrt.pipeline import Pipeline
+
+    return Pipeline(tiny_engine_dir, threads=1)
+
+
+def _a1111(server, seed, steps=4, size=64, timeout=REQUEST_S):
+    body = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": steps, "cfg_scale": 7.0, "seed": seed,
+            "width": size, "height": size, "sampler_name": "Euler a", "scheduler": "automatic"}
+    return requests.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=timeout)
+
+
+def _expected(pipe, seed, steps=4, size=64):
+    return pipe.txt2img("a red apple", negative_prompt="blurry", steps=steps, guidance=7.0, seed=[seed],
+                        width=size, height=size, scheduler="Euler a").images[0]
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _job(server, steps, seed=11, size=64) -> str:
+    body = {"mode": "txt2img", "prompt": "a red apple", "negative_prompt": "blurry", "steps": steps, "guidance": 7.0,
+            "seed": seed, "width": size, "height": size, "scheduler": "Euler a"}
+    response = requests.post(server.url + "/v1/jobs", json=body, timeout=30)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def _wait_job(server, job_id, until, timeout=REQUEST_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{server.url}/v1/jobs/{job_id}", timeout=30).json()
+        if until(job):
+            return job
+        time.sleep(0.1)
+    pytest.fail(f"job {job_id} did not reach the expected state within {timeout} s: {job}\n{server.output()}")
+
+
+def test_a1111_txt2img_pixels_and_replica_header(server, pipe):
+    response = _a1111(server, seed=123)
+    assert response.status_code == 200, response.text
+    assert response.headers.get("X-Sdrt-Replica", "").startswith("sdrt#SdrtModel#")
+    np.testing.assert_array_equal(_pixels(base64.b64decode(response.json()["images"][0])), _expected(pipe, 123))
+
+
+def test_jobs_api_over_ray(server, pipe):
+    job_id = _job(server, steps=4, seed=77)
+    job = _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"))
+    assert job["state"] == "succeeded", job
+    image = requests.get(f"{server.url}/v1/jobs/{job_id}/images/0.png", timeout=30)
+    assert image.status_code == 200
+    np.testing.assert_array_equal(_pixels(image.content), _expected(pipe, 77))
+    events = requests.get(f"{server.url}/v1/jobs/{job_id}/events", timeout=30).text
+    assert "step" in events and "done" in events
+
+
+def test_requests_spread_over_two_replicas(server):
+    replicas, errors = set(), []
+
+    def one(seed):
+        response = _a1111(server, seed=seed, steps=30)
+        if response.status_code == 200:
+            replicas.add(response.headers["X-Sdrt-Replica"])
+        else:
+            errors.append(response.text)
+
+    for _ in range(3):  # at most 3 rounds of 2 concurrent requests (both replicas are free between rounds)
+        threads = [threading.Thread(target=one, args=(seed,)) for seed in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(REQUEST_S)
+        if len(replicas) == 2:
+            break
+    assert not errors
+    assert len(replicas) == 2, replicas
+    assert len(server.model_replicas()) == 2
+
+
+def test_cancel_stops_the_replica_at_its_next_step(server):
+    job_id = _job(server, steps=2000)
+    _wait_job(server, job_id, lambda j: j["state"] == "running" and j["step"] >= 1)
+    assert requests.post(f"{server.url}/v1/jobs/{job_id}/cancel", timeout=30).status_code in (200, 202)
+    job = _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"), timeout=60)
+    assert job["state"] == "cancelled" and job["step"] < 2000, job
+    # both replicas are free again: two concurrent requests finish
+    done = [_job(server, steps=4, seed=s) for s in (5, 6)]
+    for job_id in done:
+        assert _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed"))["state"] == "succeeded"
+
+
+def test_killed_replica_fails_its_request_and_is_restarted(server, pipe):
+    before = server.model_replicas()
+    assert len(before) == 2
+    sync: dict = {}
+
+    def sync_request():
+        sync["response"] = _a1111(server, seed=9, steps=1500)
+
+    job_id = _job(server, steps=1500, seed=10)
+    thread = threading.Thread(target=sync_request)
+    thread.start()
+    _wait_job(server, job_id, lambda j: j["state"] == "running" and j["step"] >= 1)
+    time.sleep(1.0)  # the synchronous request is on the other replica by now (one request per replica)
+    server.track()
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    job = _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"), timeout=REQUEST_S)
+    thread.join(REQUEST_S)
+    assert "response" in sync, "the synchronous request did not return"
+    response = sync["response"]
+    outcomes = sorted([job["state"], "succeeded" if response.status_code == 200 else "failed"])
+    assert outcomes == ["failed", "succeeded"], (job, response.status_code, response.text[:500])
+    if job["state"] == "failed":  # the killed replica ran the job
+        assert job["error"]["status"] == 503 and job["error"]["error"] == "ReplicaFailed", job
+    else:  # it ran the synchronous request
+        assert response.status_code == 503 and response.json()["error"] == "ReplicaFailed", response.text
+        assert "Traceback" not in response.text
+
+    # Ray starts a new replica; later requests succeed, with the same pixels
+    deadline = time.monotonic() + START_S
+    while time.monotonic() < deadline:
+        current = server.model_replicas()
+        if len(current) == 2 and victim not in current:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"Ray did not restart the killed replica within {START_S} s: {server.model_replicas()}")
+    server.track()
+    expected = _expected(pipe, 31)
+    ok = 0
+    for _ in range(20):  # bounded: requests routed before the router saw the new replica may be retried
+        response = _a1111(server, seed=31)
+        if response.status_code == 200:
+            np.testing.assert_array_equal(_pixels(base64.b64decode(response.json()["images"][0])), expected)
+            ok += 1
+            if ok == 3:
+                break
+        else:
+            assert response.status_code == 503, response.text
+            time.sleep(1)
+    assert ok == 3
+
+
+def test_sigterm_stops_every_ray_process(server):
+    started = server.track()
+    assert any(cmd.startswith(MODEL_REPLICA) for cmd in started.values())
+    code = server.stop()
+    assert code == 0, server.output()
+    assert server.alive() == [], server.output()
