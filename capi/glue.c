@@ -207,8 +207,8 @@ static sdrt_status normalize(sdrt_context *ctx, const void *src, void *dst, size
                              const char *what) {
     uint32_t size = *(const uint32_t *)src;
     if (size < min || size > STRUCT_SIZE_MAX)
-        return fail(ctx, SDRT_ERR_INPUT, "%s.struct_size is %u; it must be at least %zu (set it with %s_init)",
-                    what, (unsigned)size, min, what);
+        return fail(ctx, SDRT_ERR_INPUT, "%s.struct_size is %u; it must be between %zu and %d (set it with %s_init)",
+                    what, (unsigned)size, min, STRUCT_SIZE_MAX, what);
     for (size_t i = known; i < size; i++)
         if (((const unsigned char *)src)[i])
             return fail(ctx, SDRT_ERR_INPUT, "%s.struct_size is %u and sets fields this libsdrt (%zu bytes) does "
