@@ -27,7 +27,7 @@ from sdrt.errors import Cancelled, InputError
 from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
 from sdrt.manifest import load_manifest
-from sdrt.rng import TorchGenerator, random_seed
+from sdrt.rng import GeneratorList, TorchGenerator, random_seed
 from sdrt.schedulers.common import astype
 from sdrt.specs import UNET, VAE_DECODER, VAE_ENCODER, ModelDims
 from sdrt.tokenizer import ClipTokenizer
@@ -45,6 +45,7 @@ class Result:
     seed: int
     timings: dict
     parameters: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=list)  # one per image when ``seed`` was a list, else [seed]
 
     def pil(self) -> list:
         from PIL import Image
@@ -77,6 +78,17 @@ def default_inpaint_strength(dims: ModelDims) -> float:
     """diffusers' default inpaint strength: 1.0 for ``StableDiffusionInpaintPipeline``, 0.9999 for
     ``StableDiffusionXLInpaintPipeline`` (one step fewer, and the image's latents under the first noise)."""
     return 0.9999 if dims.has_text_encoder_2 else 1.0
+
+
+def per_image_generator(seeds, batch: int):
+    """``seed=[s0, s1, ...]``: one generator per image (diffusers' list of ``torch.Generator``; for inpaint,
+    diffusers given one input image per generator). Every draw of image k, noise, posterior samples of
+    the VAE encoder and the scheduler's step noise, comes from generator k in a batch-1 run's order, so
+    image k equals a batch-1 run with seed ``s_k``. A list of one seed is that seed."""
+    seeds = list(seeds)
+    if len(seeds) != batch:
+        raise InputError(f"{len(seeds)} seeds given for a batch of {batch}: give one seed per image")
+    return TorchGenerator(seeds[0]) if len(seeds) == 1 else GeneratorList(seeds)
 
 
 class Pipeline:
@@ -145,7 +157,8 @@ class Pipeline:
         m.sizes.check(width, height, batch, scale)
         sched = schedulers.from_config(m.scheduler_config, scheduler)
         seed = random_seed() if seed is None else seed
-        generator = TorchGenerator(seed)
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        generator = per_image_generator(seeds, batch) if isinstance(seed, (list, tuple)) else TorchGenerator(seed)
         cfg = uses_text_cfg(self.dims, uses_cfg(guidance))
 
         conditioning = self.conditioner(prompt, negative_prompt, batch, cfg, width, height, guidance, timings)
@@ -175,7 +188,7 @@ class Pipeline:
         params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
                   "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength}
-        return Result(to_uint8(unit), unit, seed, timings.summary(), params)
+        return Result(to_uint8(unit), unit, seeds[0], timings.summary(), params, seeds)
 
     def _denoise(self, mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator, callback,
                  timings):
@@ -230,14 +243,16 @@ class Pipeline:
             check_same_size(image, mask)
         return image, mask
 
-    def _encode_image(self, pixels, generator, timings) -> np.ndarray:
-        """VAE encode and sample the posterior with the runtime's RNG (diffusers' latent_dist.sample)."""
+    def _encode_image(self, pixels, generator, timings, batch: int = 1) -> np.ndarray:
+        """VAE encode and sample the posterior with the runtime's RNG (diffusers' latent_dist.sample), as
+        ``batch`` rows: one draw repeated, or with per-image seeds one draw per image from its generator."""
         with timings("vae_encode"):
             moments = self.engine(VAE_ENCODER)({"images": pixels})
         mean, logvar = moments["mean"], moments["logvar"]
-        latents = mean + np.exp(np.float32(0.5) * logvar) * generator.randn(mean.shape)
+        draw_shape = (batch,) + mean.shape[1:] if isinstance(generator, GeneratorList) else mean.shape
+        latents = mean + np.exp(np.float32(0.5) * logvar) * generator.randn(draw_shape)
         check_finite(latents, "image latents (VAE encoder)")
-        return np.float32(self.manifest.vae_scaling_factor) * latents
+        return np.repeat(np.float32(self.manifest.vae_scaling_factor) * latents, batch // len(latents), axis=0)
 
     def _prepare_image_latents(self, mode, image, mask, width, height, shape, strength, t0, sched, generator,
                                cfg, timings):
@@ -245,23 +260,22 @@ class Pipeline:
         batch = shape[0]
         pixels = preprocess_image(image, width, height)
         if mode == "img2img":
-            image_latents = np.repeat(self._encode_image(pixels, generator, timings), batch, axis=0)
+            image_latents = self._encode_image(pixels, generator, timings, batch)
             noise = generator.randn(shape)
             return sched.add_noise(image_latents, noise, t0).astype(np.float32), {}
         full_strength = strength == 1.0
         image_latents = None
         if self.dims.unet_in_channels == 4 or not full_strength:
-            image_latents = np.repeat(self._encode_image(pixels, generator, timings), batch, axis=0)
+            image_latents = self._encode_image(pixels, generator, timings, batch)
         noise = generator.randn(shape)
         if full_strength:
             latents = noise * np.float32(sched.init_noise_sigma)
         else:
             latents = sched.add_noise(image_latents, noise, t0).astype(np.float32)
         mask_pixels = preprocess_mask(mask, width, height)
-        masked = self._encode_image(pixels * (mask_pixels < 0.5), generator, timings)
+        masked = self._encode_image(pixels * (mask_pixels < 0.5), generator, timings, batch)
         scale = self.dims.vae_scale_factor
         mask_latent = np.repeat(mask_pixels[:, :, ::scale, ::scale], batch, axis=0)
-        masked = np.repeat(masked, batch, axis=0)
         doubled = 2 if cfg else 1
         extra = {"mask": np.concatenate([mask_latent] * doubled), "masked_latents": np.concatenate([masked] * doubled),
                  "blend_mask": mask_latent, "image_latents": image_latents, "noise": noise}

@@ -181,6 +181,27 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+class GeneratorList:
+    """One ``TorchGenerator`` per image, as diffusers' list of generators (``randn_tensor``): a draw of
+    shape (N, ...) is N draws of (1, ...), image k's from generator k, concatenated. So each image's noise
+    depends on its own seed only and image k of a batch equals a batch-1 run with seed k."""
+
+    def __init__(self, seeds):
+        self.generators = [TorchGenerator(s) for s in seeds]
+        if not self.generators:
+            raise InputError("a seed list needs at least one seed")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [g.seed for g in self.generators]
+
+    def randn(self, shape, dtype=np.float32) -> np.ndarray:
+        shape = tuple(shape)
+        if not shape or shape[0] != len(self.generators):
+            raise InputError(f"a draw of shape {shape} does not match {len(self.generators)} per-image seeds")
+        return np.concatenate([g.randn((1,) + shape[1:], dtype) for g in self.generators])
+
+
 _CUDA_NAMES = ("CudaGenerator", "GPU_PRESETS", "RngSpec", "parse_rng")
 
 
