@@ -97,14 +97,17 @@ _SCHEDULER_BASE = {
 SCHEDULER = {"_class_name": "PNDMScheduler", **_SCHEDULER_BASE}  # SD1.5
 SD2_SCHEDULER = {"_class_name": "DDIMScheduler", **_SCHEDULER_BASE, "prediction_type": "v_prediction"}  # 2-1 (768-v)
 SD2_BASE_SCHEDULER = {"_class_name": "PNDMScheduler", **_SCHEDULER_BASE, "prediction_type": "epsilon"}  # 2-1-base
-TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", **_SCHEDULER_BASE,
-                   "prediction_type": "epsilon", "timestep_spacing": "trailing"}
+# The Euler configs as stabilityai/stable-diffusion-xl-base-1.0 ships them (keys carried over from the PNDM
+# config: skip_prk_steps, set_alpha_to_one, sample_max_value), and the same with trailing Euler a as
+# stabilityai/sd-turbo and stabilityai/sdxl-turbo ship them (1-4 steps, guidance 0).
+_EULER_BASE = {**_SCHEDULER_BASE, "interpolation_type": "linear", "prediction_type": "epsilon", "sample_max_value": 1.0,
+               "use_karras_sigmas": False}
+TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", **_EULER_BASE, "timestep_spacing": "trailing"}
 LCM_SCHEDULER = {"_class_name": "LCMScheduler", **{k: v for k, v in _SCHEDULER_BASE.items() if k != "skip_prk_steps"},
                  "set_alpha_to_one": True, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
                  "original_inference_steps": 50, "prediction_type": "epsilon", "timestep_scaling": 10.0,
                  "timestep_spacing": "leading"}
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **_SCHEDULER_BASE, "prediction_type": "epsilon",
-                  "interpolation_type": "linear", "timestep_spacing": "leading", "use_karras_sigmas": False}
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **_EULER_BASE, "timestep_spacing": "leading"}
 
 TOKENIZER_CONFIG = {
     "bos_token": "<|startoftext|>",

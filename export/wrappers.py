@@ -108,9 +108,23 @@ def _text_config(path: Path, supported: tuple[str, ...]) -> dict:
     return config
 
 
+# Few-step (adversarially distilled) models ship an Euler scheduler on trailing timesteps with epsilon
+# prediction: stabilityai/sd-turbo and stabilityai/sdxl-turbo (EulerAncestralDiscreteScheduler). Base models
+# ship leading/linspace spacing; zero-SNR fine-tunes use trailing with DDIM and v-prediction (not turbo).
+TURBO_SCHEDULERS = ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler")
+
+
+def is_turbo_scheduler(scheduler: dict) -> bool:
+    """An SD-Turbo / SDXL-Turbo scheduler config: Euler (a), trailing spacing, epsilon prediction."""
+    return scheduler.get("_class_name") in TURBO_SCHEDULERS and scheduler.get("timestep_spacing") == "trailing" \
+        and scheduler.get("prediction_type", "epsilon") == "epsilon"
+
+
 def detect_family(pipeline: str, unet: dict, text: dict, scheduler: dict) -> str:
-    """sd15 | sd2 | sd-turbo | lcm | sdxl | sdxl-turbo from model_index's class and the configs (no user flag)."""
-    turbo = scheduler.get("timestep_spacing") == "trailing"  # SD-Turbo / SDXL-Turbo ship trailing Euler a
+    """sd15 | sd2 | sd-turbo | lcm | sdxl | sdxl-turbo from model_index's class and the configs (no user flag).
+    SD2.x: the OpenCLIP-H text tower (hidden 1024, GELU; CLIP ViT-L has quick_gelu) feeding a UNet with
+    cross_attention_dim of its width; LCM: the UNet's guidance embedding; Turbo: ``is_turbo_scheduler``."""
+    turbo = is_turbo_scheduler(scheduler)
     if pipeline in SDXL_PIPELINES:
         return "sdxl-turbo" if turbo else "sdxl"
     if unet.get("time_cond_proj_dim") or pipeline == "LatentConsistencyModelPipeline":
