@@ -64,6 +64,36 @@ def _descendants(root: int) -> dict[int, str]:
     return found
 
 
+def _listening(pids) -> list[tuple[int, str]]:
+    """(pid, local address) of every listening TCP socket the given processes hold, from /proc/net."""
+    inodes = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = pid
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # TCP_LISTEN
+                    out.append((inodes[fields[9]], fields[1]))
+    return out
+
+
+def _is_loopback(hex_address: str) -> bool:
+    """/proc/net address (hex, 32-bit words little-endian): 127.0.0.0/8, ::1 or ::ffff:127.x.x.x."""
+    host = hex_address.split(":")[0].upper()
+    if len(host) == 8:
+        return host.endswith("7F")
+    return host == "00000000000000000000000001000000" or (
+        host.startswith("0000000000000000FFFF0000") and host.endswith("7F"))
+
+
 class Server:
     def __init__(self, engine_dir, log_path):
         self.port = _free_port()
@@ -185,6 +215,13 @@ def _wait_job(server, job_id, until, timeout=REQUEST_S) -> dict:
             return job
         time.sleep(0.1)
     pytest.fail(f"job {job_id} did not reach the expected state within {timeout} s: {job}\n{server.output()}")
+
+
+def test_every_ray_socket_listens_on_loopback(server):
+    pids = [server.proc.pid, *server.track()]
+    sockets = _listening(pids)
+    assert sockets, "found no listening socket of the server"
+    assert [s for s in sockets if not _is_loopback(s[1])] == []
 
 
 def test_a1111_txt2img_pixels_and_replica_header(server, pipe):

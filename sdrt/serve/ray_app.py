@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 APP_NAME = "sdrt"
 # Set before ray is imported: no usage report, and a local instance binds 127.0.0.1 only (Ray picks the
 # machine's outward address otherwise; the Windows/macOS switch is what makes it use loopback).
-LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# SDRT_RAY_LOOPBACK: the replicas' gRPC server too (``ray_deploy.keep_replica_on_loopback``).
+LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "SDRT_RAY_LOOPBACK": "1"}
 
 
 @dataclass

@@ -31,6 +31,31 @@ log = logging.getLogger(__name__)
 RETRIES_BEFORE_START = 2  # a request that died before its first event never ran: it is sent again
 
 
+LOOPBACK_ENV = "SDRT_RAY_LOOPBACK"  # set by ray_app.run for a local instance: every socket on 127.0.0.1
+
+
+def keep_replica_on_loopback() -> None:
+    """Ray Serve 2.60 replicas open their inter-deployment gRPC server on ``[::]:0`` (every interface,
+    hard-coded in ``ray.serve._private.replica``), after the user constructor runs. For a local instance
+    (``SDRT_RAY_LOOPBACK=1``) bind it to 127.0.0.1 instead, as everything else is; a no-op otherwise or
+    when Ray's internals differ."""
+    if os.environ.get(LOOPBACK_ENV) != "1":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "sdrt_loopback", False):
+        return
+
+    def loopback(server, address):
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    loopback.sdrt_loopback = True
+    replica.add_port_to_grpc_server = loopback
+
+
 def replica_id() -> str:
     """This replica's Ray Serve id, ``app#deployment#unique_id`` (its actor name without the prefix)."""
     from ray import serve
@@ -48,6 +73,7 @@ class SdrtModel:
     def __init__(self, engine_dir: str, backend: str = "ort-cpu", threads: int | None = None):
         from sdrt.serve.executor import LocalExecutor
 
+        keep_replica_on_loopback()
         self.local = LocalExecutor(str(engine_dir), backend=backend, threads=threads, replica=replica_id())
         self.local.warm_up()  # healthy only once every engine is open
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdrt-replica")
@@ -155,6 +181,7 @@ class SdrtIngress:
     ``serve.ingress()`` (the app is built per replica by ``__serve_build_asgi_app__``) and ``serve.deployment``."""
 
     async def __init__(self, model, options, concurrency: int):
+        keep_replica_on_loopback()
         info = await model.info.remote()
         self.executor = RayExecutor(model, info["manifest_info"], concurrency)
         self.options = options
