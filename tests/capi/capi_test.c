@@ -1,6 +1,7 @@
 /* The C side of tests/test_capi.py: runs a script of libsdrt calls and prints one JSON line per call.
  *
  *   capi_test SCRIPT      (one command a line, fields separated by tabs; "key=value" options)
+ * A "\\n" in a value stands for a newline.
  * Output: one JSON object a line (results, and {"log": slot, ...} for log callback messages).
  *
  *   open SLOT [engine_dir= backend= threads= log=1 log_level= struct_size=v1|v1-1|big0|bigx|N]
@@ -302,6 +303,11 @@ int main(int argc, char **argv) {
             char *eq = strchr(fields[i], '=');
             if (!eq) { positional++; continue; }
             *eq = '\0';
+            for (char *r = eq + 1, *w = eq + 1;; r++, w++) { /* "\\n" in a value: a newline */
+                if (r[0] == '\\' && r[1] == 'n') *w = '\n', r++;
+                else *w = *r;
+                if (!*r) break;
+            }
             o.key[o.n] = fields[i], o.value[o.n++] = eq + 1;
         }
         const char *cmd = fields[0];
