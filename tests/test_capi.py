@@ -299,7 +299,8 @@ def test_200_generate_free_cycles_keep_rss_flat(capi, tiny_engine_dir, tmp_path)
     cycles = results[1]
     assert cycles["status"] == OK and cycles["failures"] == 0, cycles
     growth_kib = cycles["rss_end_kib"] - cycles["rss_warm_kib"]
-    assert growth_kib < 8 * 1024, cycles  # 180 cycles after warm-up; a leaked 64x64 image each would be ~2 MiB
+    # 180 cycles after warm-up: ~0.3 MiB measured here; one leaked 64x64 RGB image a cycle would add 2.1 MiB
+    assert growth_kib < 1536, cycles
 
 
 def test_example_and_pkg_config(capi, tiny_engine_dir, pipe, tmp_path):
