@@ -33,8 +33,39 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-gpu-test: install
-	$(BIN)/python -m pytest -m gpu -q
+# The gpu-marked tests. GPU_PY (default python3), when it has torch with CUDA, runs them as it is: no venv,
+# no install, no network, so its own CUDA torch, cupy and onnxruntime(-gpu) are what is tested; the checkout
+# goes on its path (build/gpu-path maps sdrt_export to export/). Not a venv with --system-site-packages: one
+# made from a python that is itself a venv does not see that venv's packages. What it lacks of the tests'
+# packages is listed first (install those into it, or put them on PYTHONPATH). Without a torch with CUDA,
+# .venv (CPU torch) runs them and they skip, saying why.
+GPU_PY ?= python3
+GPU_NEEDS := pytest numpy PIL tokenizers tqdm onnxruntime diffusers transformers onnx onnxscript polygraphy \
+	onnx_graphsurgeon safetensors scipy array_api_strict cupy
+define GPU_REPORT
+import importlib.util as u, sys
+import torch
+line = [sys.executable, f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}"]
+if u.find_spec("onnxruntime"):
+    import onnxruntime as o
+    line.append(f"onnxruntime {o.__version__} ({', '.join(o.get_available_providers())})")
+line += [f"{n}: {'yes' if u.find_spec(n) else 'no'}" for n in ("cupy", "tensorrt", "tensorrt_rtx")]
+print("gpu-test:", " | ".join(line))
+missing = [n for n in sys.argv[1:] if u.find_spec(n) is None]
+if missing:
+    print("gpu-test: this python lacks", ", ".join(missing), "(tests that need them fail or skip)")
+endef
+export GPU_REPORT
+
+gpu-test:
+	@if $(GPU_PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then \
+		mkdir -p build/gpu-path && ln -sfn "$(CURDIR)/export" build/gpu-path/sdrt_export && \
+		export PYTHONPATH="$(CURDIR):$(CURDIR)/build/gpu-path$${PYTHONPATH:+:$$PYTHONPATH}" && \
+		$(GPU_PY) -c "$$GPU_REPORT" $(GPU_NEEDS) && $(GPU_PY) -m pytest -m gpu -q -rs; \
+	else \
+		echo "gpu-test: $(GPU_PY) has no torch with CUDA; running in $(VENV), where the GPU tests skip"; \
+		$(MAKE) --no-print-directory install && $(BIN)/python -m pytest -m gpu -q -rs; \
+	fi
 
 # libsdrt, the C ABI (capi/sdrt.h): build/capi/libsdrt.so, sdrt.pc and the examples/c/txt2img example
 capi: install

@@ -13,23 +13,20 @@ from sdrt.backends.cuda import CudaError, gpu_info
 from sdrt.specs import SizeRange
 
 
-def _gpu_backend() -> str | None:
+def _gpu_backend() -> tuple[str | None, str]:
+    """(the flavour to test, or None and why not)."""
     try:
-        gpu_info()
-    except CudaError:
-        return None
+        gpu = gpu_info()
+    except CudaError as exc:
+        return None, f"needs an NVIDIA GPU with CUDA ({exc})"
     for backend, module in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx")):
         if importlib.util.find_spec(module):
-            return backend
-    return None
+            return backend, ""
+    return None, f"needs tensorrt or tensorrt_rtx installed (pip install tensorrt); {gpu.name} has neither"
 
 
-BACKEND = _gpu_backend()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(BACKEND is None, reason="needs an NVIDIA GPU with CUDA and tensorrt/tensorrt_rtx installed; "
-                                                "none here"),
-]
+BACKEND, WHY_NOT = _gpu_backend()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(BACKEND is None, reason=WHY_NOT)]
 SIZES = SizeRange(min_size=64, opt_size=128, max_size=256, max_batch=2)
 
 
@@ -60,7 +57,8 @@ def _feeds(spec, batch=2, height=64, width=96, seed=0):
 def test_engine_matches_torch_fp16_per_component(fp16_engines, tiny_model_dir):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("needs torch with CUDA for the fp16 reference")
+        pytest.skip(f"needs torch with CUDA for the fp16 reference (torch {torch.__version__} here; "
+                    "`make gpu-test` runs under a python that has one, see the Makefile)")
     from sdrt.backends import open_engine
     from sdrt_export.checks import relative_error
     from sdrt_export.wrappers import load_component
@@ -124,8 +122,7 @@ def test_buffers_and_activation_memory_are_reused(fp32_engines, monkeypatch):
     assert allocations == []
 
 
-def test_cupy_feeds_give_cupy_outputs_equal_to_numpy(fp32_engines):
-    cupy = pytest.importorskip("cupy")
+def test_cupy_feeds_give_cupy_outputs_equal_to_numpy(fp32_engines, cupy):
     from sdrt.backends import open_engine
 
     spec = fp32_engines.specs["vae_decoder"]
