@@ -196,8 +196,9 @@ def _backend_line(backend: str, b: dict) -> str:
     where = [f"{b['flavour']} {b['version']}"]
     if b.get("compute_capability"):
         where.append(f"GPU compute capability {b['compute_capability']}")
-    if b.get("targets"):
-        where.append("GPUs " + ",".join(t.lower() for t in b["targets"]))
+    targets = b.get("targets")
+    if targets:  # TensorRT-RTX: a list of compute capabilities, or "default" (its own choice)
+        where.append("GPU targets " + (",".join(t.lower() for t in targets) if isinstance(targets, list) else targets))
     if b.get("optimization_level"):
         where.append(f"{b['optimization_level']}, {', '.join(b.get('providers') or [])}")
     text = f"{b['kind']} for {'; '.join(where)}: {len(b['built'])}/{len(b['built']) + len(b['missing'])} " \

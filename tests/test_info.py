@@ -185,3 +185,31 @@ def test_version_lists_runtimes_without_importing_torch():
                 pass
         assert line == (found[0] if found else f"{runtime}: not installed")
     assert lines[-1] == "no torch"
+
+
+def test_info_names_the_tensorrt_version_and_gpu_of_recorded_engines(tiny_engine_dir, tmp_path, capsys):
+    """An engines record as `sdrt build-engines --backend tensorrt` writes it (flavour, version, compute
+    capability, ONNX digest, files): built / missing / stale components and the version installed here."""
+    from sdrt.manifest import file_record
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engine_dir, engines)
+    (engines / "tensorrt").mkdir()
+    manifest = load_manifest(engines)
+    records = {}
+    for name, digest in (("unet", manifest.onnx_digest("unet")), ("vae_decoder", "0" * 64)):
+        (engines / "tensorrt" / f"{name}.engine").write_bytes(name.encode() * 1000)
+        records[name] = {"flavour": "tensorrt", "version": "0.0.1-test", "compute_capability": "8.9",
+                         "onnx_sha256": digest, "files": [file_record(engines, f"tensorrt/{name}.engine")]}
+    data = dict(manifest.data, engines={"tensorrt": {"command": "sdrt build-engines ...", "flavour": "tensorrt",
+                                                     "version": "0.0.1-test", "components": records}})
+    (engines / "manifest.json").write_text(json.dumps(data))
+    code, out, _ = info(capsys, engines, "--json", "--verify")
+    trt = json.loads(out)["backends"]["tensorrt"]
+    assert code == 0 and trt["built"] == ["unet", "vae_decoder"] and trt["missing"] == ["text_encoder", "vae_encoder"]
+    assert trt["stale"] == ["vae_decoder"] and trt["compute_capability"] == "8.9" and trt["version"] == "0.0.1-test"
+    assert trt["bytes"] == 4000 + 11000
+    code, out, _ = info(capsys, engines)
+    line = next(line for line in out.splitlines() if line.startswith("    tensorrt "))
+    assert "engines for tensorrt 0.0.1-test; GPU compute capability 8.9: 2/4 components" in line
+    assert "so these engines cannot run here" in line and "stale (built from an older ONNX): vae_decoder" in line
