@@ -1,5 +1,6 @@
-"""The one ``sdrt`` command. Build-side subcommands (make-model, export, verify) import the
-``sdrt_export`` package lazily, so the runtime commands work without torch installed."""
+"""The one ``sdrt`` command. Build-side subcommands (make-model, export, build-engines, verify) import the
+``sdrt_export`` package lazily, so the runtime commands (txt2img, img2img, inpaint, bench, info) work without
+torch installed."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import logging
 import sys
 
-from sdrt.errors import SdrtError
 from sdrt.cli_help import Parser, VersionAction, add_verbose, examples
+from sdrt.errors import SdrtError
 from sdrt.progress import setup_logging
 
 log = logging.getLogger("sdrt")
