@@ -26,7 +26,10 @@ STEPS = 7
 ATOL = 1e-6
 GUIDANCE = 3.0
 KARRAS = {"use_karras_sigmas": True}
+EXP = {"use_exponential_sigmas": True}
+BETA = {"use_beta_sigmas": True}
 V = {"prediction_type": "v_prediction"}
+ZSNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", **V}
 
 CASES = [(c, {}) for c in S.CLASSES] + [
     ("DDIMScheduler", V), ("DDIMScheduler", {"clip_sample": True}),
@@ -48,6 +51,19 @@ CASES = [(c, {}) for c in S.CLASSES] + [
     ("UniPCMultistepScheduler", {"predict_x0": False, "final_sigmas_type": "sigma_min", **V}),
     ("DDPMScheduler", V), ("DDPMScheduler", {"thresholding": True}), ("DDPMScheduler", {"variance_type": "fixed_large"}),
     ("LCMScheduler", V), ("LCMScheduler", {"clip_sample": True}),
+    # sigma ramps and schedule options: tables differ, step() arithmetic must stay namespace-agnostic
+    ("LMSDiscreteScheduler", EXP), ("LMSDiscreteScheduler", {**BETA, "sigma_min": 0.1}),
+    ("EulerDiscreteScheduler", BETA), ("EulerDiscreteScheduler", {**EXP, "sigma_max": 10.0, **ZSNR}),
+    ("EulerDiscreteScheduler", {"interpolation_type": "log_linear", "final_sigmas_type": "sigma_min"}),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", **V}), ("EulerAncestralDiscreteScheduler", ZSNR),
+    ("HeunDiscreteScheduler", EXP), ("HeunDiscreteScheduler", {**BETA, "clip_sample": True}),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}), ("DPMSolverMultistepScheduler", {**BETA, **V}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, **EXP}),
+    ("DPMSolverMultistepScheduler", {"lambda_min_clipped": -2.0, "euler_at_final": True, **ZSNR}),
+    ("DPMSolverMultistepScheduler", {"lower_order_final": False, "final_sigmas_type": "sigma_min", "solver_order": 1}),
+    ("UniPCMultistepScheduler", EXP), ("UniPCMultistepScheduler", {**BETA, "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", {**ZSNR, "solver_order": 3}),
+    ("DDIMScheduler", ZSNR), ("DDPMScheduler", ZSNR), ("LCMScheduler", {"thresholding": True, **ZSNR}),
 ]
 
 

@@ -23,8 +23,8 @@ class UniPC(Scheduler):
                 "lower_order_final": True, "final_sigmas_type": "zero", "use_karras_sigmas": False}
     keys = BASE_KEYS | THRESHOLD_KEYS | RAMP_KEYS | {"solver_order", "predict_x0", "solver_type", "lower_order_final",
                                                      "disable_corrector", "final_sigmas_type", "rescale_betas_zero_snr"}
-    refused = {**FLOW_REFUSED, "solver_p": None}  # solver_p: another scheduler as predictor
-    inert = FLOW_INERT | {"shift_terminal"}  # shift_terminal: flow sigmas only
+    refused = {**FLOW_REFUSED, "solver_p": None, "shift_terminal": None}  # solver_p: another scheduler as predictor
+    inert = FLOW_INERT
     choices = {"solver_type": ("bh1", "bh2")}
     renames = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}  # as diffusers' __init__
 
