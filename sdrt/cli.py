@@ -88,6 +88,12 @@ def cmd_bench(args) -> dict:
     return bench.cmd_bench(args)
 
 
+def cmd_serve(args) -> dict:
+    from sdrt.serve import cli as serve_cli  # fastapi / uvicorn load only here
+
+    return serve_cli.run(args)
+
+
 def cmd_info(args) -> dict:
     from sdrt import info
 
@@ -290,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="hash every recorded file and report each mismatch")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_info)
+
+    from sdrt.serve.cli import add_arguments as add_serve_arguments  # standard library only
+
+    p = sub.add_parser("serve", help="HTTP server: A1111 /sdapi/v1, OpenAI images, async jobs, web page, metrics",
+                       description="Loads the engines once and serves them over HTTP (needs sdrt[serve]).",
+                       epilog=examples("sdrt serve --engines engines/tiny",
+                                       "sdrt serve --engines engines/tiny --host 0.0.0.0 --api-auth me:secret"))
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     add_verbose(parser, sub)
     return parser

@@ -42,6 +42,7 @@ class ServeOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     max_prompt_chars: int = 4000
     max_images: int = 16  # images per request (batch_size * n_iter, OpenAI n, jobs batch)
+    max_image_pixels: int = 4096 * 4096  # decoded input image (also under Pillow's decompression-bomb guard)
     sync_timeout: float = 3600.0  # a synchronous request waits at most this long for its job
     store: JobStore | None = None  # job records (default: in this process)
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")

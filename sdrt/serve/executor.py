@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("txt2img", "img2img", "inpaint")
 
-# on_step(step, total) -> False to cancel; steps count over every image run of the request
-StepHook = Callable[[int, int], bool]
+# on_step(step, total) -> True (go on), False (cancel: raise Cancelled), "interrupt" (A1111 interrupt: stop and
+# return the images decoded from the current latents) or "skip" (A1111 skip: end the current image run so,
+# go on with the next). Steps count from 1 over every image run of the request.
+StepHook = Callable[[int, int], "bool | str"]
+INTERRUPT, SKIP = "interrupt", "skip"
 
 
 @dataclass(frozen=True)
@@ -154,31 +157,61 @@ def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenRe
         if not req.mask_png:
             raise ImageInputError("inpaint needs a mask")
         extra["mask"] = decode_png(req.mask_png, "mask")
-    state = {"done": 0, "total": None}
+    state = {"done": 0, "total": None, "stop": None, "latents": None}
 
     def callback(i, total, t, latents):
         if state["total"] is None:  # the step count after strength is known at the first step
             state["total"] = total * len(runs)
         state["done"] += 1
-        return on_step(state["done"], state["total"]) is not False
+        answer = on_step(state["done"], state["total"])
+        if answer in (INTERRUPT, SKIP):
+            state["stop"], state["latents"] = answer, latents
+            return False
+        return answer is not False
 
     images, infotexts, seeds, timings = [], [], [], {}
     width = height = None
     for run in runs:
-        result = getattr(pipe, req.mode)(
-            prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance,
-            seed=run, width=req.width, height=req.height, scheduler=req.scheduler, batch=len(run),
-            callback=callback, **extra)
-        height, width = result.images.shape[1:3]
-        for stage, value in result.timings.items():
-            value = sum(value) if isinstance(value, list) else value
-            timings[stage] = timings.get(stage, 0.0) + value
-        for seed, pixels in zip(run, result.images):
+        try:
+            result = getattr(pipe, req.mode)(
+                prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance,
+                seed=run, width=req.width, height=req.height, scheduler=req.scheduler, batch=len(run),
+                callback=callback, **extra)
+            pixels_out = result.images
+            for stage, value in result.timings.items():
+                value = sum(value) if isinstance(value, list) else value
+                timings[stage] = timings.get(stage, 0.0) + value
+        except Cancelled:
+            if state["stop"] is None:
+                raise
+            pixels_out = decode_latents(pipe, state["latents"])  # A1111: the partly denoised image
+        height, width = pixels_out.shape[1:3]
+        stop, state["stop"] = state["stop"], None
+        for seed, pixels in zip(run, pixels_out):
             text = infotext(req, seed, width, height)
             images.append(encode_png(pixels, text))
             infotexts.append(text)
             seeds.append(seed)
+        if stop == INTERRUPT:
+            break
+        if stop == SKIP and state["total"] is not None:  # the skipped steps count as done
+            state["done"] = ((state["done"] - 1) // (state["total"] // len(runs)) + 1) * (state["total"] // len(runs))
+    if not images:
+        raise Cancelled("interrupted before any image")
     return GenResult(images, infotexts, seeds, int(width), int(height), timings, replica)
+
+
+def decode_latents(pipe, latents):
+    """uint8 (N, H, W, 3) from latents, as the Pipeline's last stage (VAE decoder on latents / scaling)."""
+    import numpy as np
+
+    from sdrt.arrays import to_host
+    from sdrt.images import to_uint8, to_unit
+    from sdrt.specs import VAE_DECODER
+
+    latents = np.asarray(to_host(latents), np.float32)
+    decoded = pipe.engine(VAE_DECODER)({"latent": latents / float(np.float32(pipe.manifest.vae_scaling_factor))})
+    return to_uint8(to_unit(np.asarray(to_host(decoded["images"]), np.float32)))
 
 
 @dataclass
@@ -196,7 +229,7 @@ class LocalExecutor:
 
         start = time.perf_counter()
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = self._ready = False
         self.pipe = Pipeline(self.engine_dir, backend=self.backend, threads=self.threads)
         self.manifest_info = manifest_info(self.pipe.manifest, self.engine_dir)
         self.load_seconds = time.perf_counter() - start
@@ -205,12 +238,15 @@ class LocalExecutor:
         """Open every engine now (``Pipeline`` opens them on first use), so the first request pays no load."""
         from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS
 
-        for name in [n for n in COMPONENTS + OPTIONAL_COMPONENTS if self.pipe.manifest.has(n)]:
-            self.pipe.engine(name)
+        with self._lock:
+            for name in [n for n in COMPONENTS + OPTIONAL_COMPONENTS if self.pipe.manifest.has(n)]:
+                self.pipe.engine(name)
+            self._ready = True
         log.info("engines loaded from %s in %.1f s", self.engine_dir, self.pipe.load_seconds)
 
     def ready(self) -> bool:
-        return not self._closed
+        """True once ``warm_up`` has opened the engines (until ``close``)."""
+        return self._ready and not self._closed
 
     def generate(self, req: GenRequest, on_step: StepHook) -> GenResult:
         with self._lock:

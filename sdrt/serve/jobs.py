@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 POLL_S = 0.25
+INTERRUPT, SKIP = "interrupt", "skip"  # on_step answers besides True/False (see executor.StepHook)
 
 
 class QueueFull(SdrtError):
@@ -50,6 +51,7 @@ class Job:
     result: GenResult | None = None
     cancel_requested: bool = False
     cancel_reason: str = ""
+    control: str | None = None  # INTERRUPT or SKIP, asked for while running (A1111 interrupt / skip)
     events: list = field(default_factory=list)  # [{"event": name, "data": {...}}], append-only
 
     def public(self, position: int | None = None) -> dict:
@@ -234,6 +236,14 @@ class JobQueue:
         self._changed()
         return job
 
+    def control_running(self, action: str) -> list[str]:
+        """A1111 ``interrupt`` (stop, keep what is denoised so far) or ``skip`` (end the current image run)."""
+        ids = self.running()
+        for job_id in ids:
+            self.store.update(job_id, control=action)
+        self._changed()
+        return ids
+
     def cancel_running(self, reason: str = "interrupted") -> list[str]:
         ids = self.running()
         for job_id in ids:
@@ -288,6 +298,8 @@ class JobQueue:
     def _finish(self, job_id: str, state: str, **changes) -> Job | None:
         name = {SUCCEEDED: "done", FAILED: "error", CANCELLED: "cancelled"}[state]
         event = {"event": name, "data": {"state": state, **({"error": changes["error"]} if "error" in changes else {})}}
+        if self.metrics is not None:
+            self.metrics.jobs.labels(state=state).inc()
         return self.store.update(job_id, event, state=state, finished=time.time(), **changes)
 
     def _work(self) -> None:
@@ -316,7 +328,11 @@ class JobQueue:
             current = self.store.update(job_id, {"event": "step", "data": {"step": step, "steps": total}},
                                         step=step, steps=total)
             self.notifier.notify()
-            return current is not None and not current.cancel_requested
+            if current is None or current.cancel_requested:
+                return False
+            if current.control == SKIP:
+                self.store.update(job_id, control=None)
+            return current.control or True
 
         try:
             result = self.executor.generate(job.request, on_step)
