@@ -1,6 +1,6 @@
 # libsdrt's embedding init code (cffi ``embedding_init_code``; capi/build.py freezes this file into
-# the library).  It runs once, on the first call that enters Python: it points the interpreter at the
-# virtual environment glue.c found, imports sdrt.capi_impl, and defines the ``sdrt__py_*`` entry points.
+# the library).  It runs once, on the first call that enters Python (glue.c has started the interpreter
+# as the environment's bin/python would run), imports sdrt.capi_impl and defines the ``sdrt__py_*`` entry points.
 # The entry points are thin: each returns 1 + an sdrt_status, and never lets an exception out (a
 # failed start is reported through sdrt_last_error, not printed).
 import sys
@@ -12,29 +12,10 @@ def _env(key):
     return ffi.string(lib.sdrt__env(key)).decode(sys.getfilesystemencoding(), "surrogateescape")
 
 
-def _adopt_environment():
-    """Make this embedded interpreter look like the venv's own python (sys.prefix, site-packages)."""
-    import os
-    import site
-
-    prefix, site_dir, system_site = _env(0), _env(1), _env(2) == "1"
-    if not system_site:
-        dropped = set(site.getsitepackages()) | {site.getusersitepackages()}
-        sys.path[:] = [p for p in sys.path if p not in dropped]
-    sys.prefix = sys.exec_prefix = prefix
-    python = os.path.join(prefix, "bin", "python3")
-    if os.path.exists(python):
-        sys.executable = python
-    if site_dir:
-        site.addsitedir(site_dir)  # runs its .pth files (the editable install of sdrt among them)
-
-
 _impl = None
 _start_error = None
 try:
     _host_python = _env(3) == "1"
-    if not _host_python:
-        _adopt_environment()
     from sdrt import capi_impl as _impl
 
     _impl.start(ffi, lib, own_interpreter=not _host_python, log_stderr=_env(4) == "1")

@@ -2,7 +2,8 @@
 
 Writes OUTDIR/libsdrt.so, OUTDIR/sdrt.pc and OUTDIR/txt2img (examples/c/txt2img.c); OUTDIR defaults
 to build/capi. Run it with the Python of the environment the library should use (``make capi`` runs
-the project venv's): its home, prefix and site-packages are baked into the library (capi/glue.c), and
+the project venv's): its sys.prefix is baked into the library (capi/glue.c starts Python as that
+environment's bin/python would run, so its site-packages and pyvenv.cfg apply), and
 the library links that Python's libpython with an rpath, so hosts need no environment variables.
 """
 
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
-import site
 import subprocess
 import sys
 import sysconfig
@@ -49,15 +48,11 @@ def c_string(text: str) -> str:
 
 
 def environment() -> dict:
-    """What glue.c bakes in: this interpreter's home (stdlib), prefix and site-packages, its libpython."""
+    """What glue.c bakes in: this interpreter's sys.prefix (a venv or an installation) and its libpython."""
     libdir = sysconfig.get_config_var("LIBDIR")
     shared = bool(sysconfig.get_config_var("Py_ENABLE_SHARED"))
     soname = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
-    cfg = Path(sys.prefix) / "pyvenv.cfg"
-    system_site = sys.prefix == sys.base_prefix or bool(
-        re.search(r"^include-system-site-packages\s*=\s*true", cfg.read_text() if cfg.exists() else "", re.M))
-    return {"home": sys.base_prefix, "prefix": sys.prefix, "site": site.getsitepackages()[0],
-            "system_site": "1" if system_site else "0", "libdir": libdir, "shared": shared,
+    return {"prefix": sys.prefix, "libdir": libdir, "shared": shared,
             "libpython": str(Path(libdir) / soname) if shared else "",
             "version": f"{sys.version_info.major}.{sys.version_info.minor}"}
 
@@ -89,9 +84,7 @@ def build(out: Path, cc: str) -> Path:
     header = (HERE / "sdrt.h").read_text()
     decls = header.split("BEGIN CFFI DECLARATIONS", 1)[1].split("*/", 1)[1].split("/* END CFFI DECLARATIONS")[0]
     version = metadata.version("sdrt")
-    baked = {"SDRT_BAKED_HOME": env["home"], "SDRT_BAKED_PREFIX": env["prefix"], "SDRT_BAKED_SITE": env["site"],
-             "SDRT_BAKED_SYSTEM_SITE": env["system_site"], "SDRT_BAKED_LIBPYTHON": env["libpython"],
-             "SDRT_PY_VERSION": env["version"], "SDRT_VERSION_STRING": version}
+    baked = {"SDRT_BAKED_PREFIX": env["prefix"], "SDRT_BAKED_LIBPYTHON": env["libpython"], "SDRT_PY_VERSION": env["version"], "SDRT_VERSION_STRING": version}
     preamble = "".join(f"#define {k} {c_string(v)}\n" for k, v in baked.items())
 
     ffibuilder = cffi.FFI()

@@ -77,42 +77,34 @@ static sdrt_status fail(sdrt_context *ctx, sdrt_status status, const char *fmt, 
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 static int env_ok;
 static char env_error[ERROR_MAX];
-static char env_home[PATH_MAX], env_prefix[PATH_MAX], env_site[PATH_MAX];
-static const char *env_system_site = "1", *env_host_python = "0", *env_log_stderr = "0";
+static char env_home[PATH_MAX], env_program[PATH_MAX + 16];
+static const char *env_host_python = "0", *env_log_stderr = "0";
 
 static int is_file(const char *path) { return access(path, R_OK) == 0; }
 
-/* A venv's pyvenv.cfg: `home = DIR` (the folder of its python; the prefix is its parent) and
- * `include-system-site-packages`. */
-static int read_pyvenv(const char *venv) {
-    char path[PATH_MAX], line[PATH_MAX + 64];
+/* A venv's pyvenv.cfg `home = DIR`: the folder of the base python; its parent is the Python prefix. */
+static int read_pyvenv_home(const char *venv) {
+    char path[PATH_MAX + 16], line[PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/pyvenv.cfg", venv);
     FILE *f = fopen(path, "r");
     if (f == NULL) return 0;
     env_home[0] = '\0';
     while (fgets(line, sizeof line, f)) {
-        char *eq = strchr(line, '=');
-        if (eq == NULL) continue;
-        char *key = line, *value = eq + 1, *end;
-        *eq = '\0';
-        while (*key == ' ') key++;
-        for (end = eq - 1; end >= key && (*end == ' ' || *end == '\t'); end--) *end = '\0';
-        while (*value == ' ') value++;
+        char *key = line + strspn(line, " \t"), *eq = strchr(line, '=');
+        if (eq == NULL || strncmp(key, "home", 4) != 0 || strspn(key + 4, " \t") != (size_t)(eq - key - 4)) continue;
+        char *value = eq + 1 + strspn(eq + 1, " \t");
         value[strcspn(value, "\r\n")] = '\0';
-        if (strcmp(key, "home") == 0) {
-            snprintf(env_home, sizeof env_home, "%s", value);
-            size_t n = strlen(env_home);
-            if (n > 4 && strcmp(env_home + n - 4, "/bin") == 0) env_home[n - 4] = '\0';
-        } else if (strcmp(key, "include-system-site-packages") == 0) {
-            env_system_site = strcmp(value, "true") == 0 ? "1" : "0";
-        }
+        snprintf(env_home, sizeof env_home, "%s", value);
+        size_t n = strlen(env_home);
+        if (n > 4 && strcmp(env_home + n - 4, "/bin") == 0) env_home[n - 4] = '\0';
     }
     fclose(f);
-    snprintf(env_prefix, sizeof env_prefix, "%s", venv);
-    snprintf(env_site, sizeof env_site, "%s/lib/python%s/site-packages", venv, SDRT_PY_VERSION);
     return env_home[0] != '\0';
 }
 
+/* DIR (SDRT_PYTHONHOME, else the sys.prefix baked at build time) is a virtual environment or a Python
+ * prefix.  Python is started as if DIR/bin/python3 ran (its getpath and site find the venv, its
+ * pyvenv.cfg and site-packages the usual way); without that file, with DIR as its home. */
 static void env_setup(void) {
     /* hosts that dlopen() us RTLD_LOCAL: extension modules (numpy, onnxruntime) need the Python
      * symbols global */
@@ -128,34 +120,27 @@ static void env_setup(void) {
         return;
     }
     const char *override = getenv("SDRT_PYTHONHOME");
-    if (override && override[0]) {
-        if (!read_pyvenv(override)) { /* a Python installation prefix */
-            snprintf(env_home, sizeof env_home, "%s", override);
-            snprintf(env_prefix, sizeof env_prefix, "%s", override);
-            env_site[0] = '\0';
-            env_system_site = "1";
-        }
-    } else {
-        snprintf(env_home, sizeof env_home, "%s", SDRT_BAKED_HOME);
-        snprintf(env_prefix, sizeof env_prefix, "%s", SDRT_BAKED_PREFIX);
-        snprintf(env_site, sizeof env_site, "%s", SDRT_BAKED_SITE);
-        env_system_site = SDRT_BAKED_SYSTEM_SITE;
-    }
+    const char *dir = override && override[0] ? override : SDRT_BAKED_PREFIX;
+    const char *origin = override && override[0] ? "SDRT_PYTHONHOME" : "built in";
+    if (!read_pyvenv_home(dir)) snprintf(env_home, sizeof env_home, "%s", dir);
     char landmark[PATH_MAX + 32];
     snprintf(landmark, sizeof landmark, "%s/lib/python%s/os.py", env_home, SDRT_PY_VERSION);
     if (!is_file(landmark)) { /* Py_InitializeEx would abort the process */
         snprintf(env_error, sizeof env_error,
-                 "libsdrt: no Python %s standard library at %s (%s); set SDRT_PYTHONHOME to a virtual "
-                 "environment or Python %s prefix with sdrt installed, or rebuild with `make capi`",
-                 SDRT_PY_VERSION, landmark, override && override[0] ? "from SDRT_PYTHONHOME" : "built in",
-                 SDRT_PY_VERSION);
+                 "libsdrt: no Python %s standard library at %s (Python environment %s, %s); set "
+                 "SDRT_PYTHONHOME to a virtual environment or Python %s prefix with sdrt installed, or "
+                 "rebuild with `make capi`", SDRT_PY_VERSION, landmark, dir, origin, SDRT_PY_VERSION);
         return;
     }
-    static wchar_t *home;
-    home = Py_DecodeLocale(env_home, NULL);
+    snprintf(env_program, sizeof env_program, "%s/bin/python%s", dir, SDRT_PY_VERSION);
+    if (!is_file(env_program)) snprintf(env_program, sizeof env_program, "%s/bin/python3", dir);
+    static wchar_t *program, *home; /* kept for the process's life, as Python requires */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-    if (home) Py_SetPythonHome(home); /* kept for the process's life, as Python requires */
+    if (is_file(env_program) && (program = Py_DecodeLocale(env_program, NULL)) != NULL)
+        Py_SetProgramName(program);
+    else if ((home = Py_DecodeLocale(env_home, NULL)) != NULL)
+        Py_SetPythonHome(home);
 #pragma GCC diagnostic pop
     env_ok = 1;
 }
@@ -163,9 +148,7 @@ static void env_setup(void) {
 /* Python reads the environment found above (capi/_init.py). */
 const char *sdrt__env(int key) {
     switch (key) {
-    case 0: return env_prefix;
-    case 1: return env_site;
-    case 2: return env_system_site;
+    case 0: return env_program;
     case 3: return env_host_python;
     case 4: return env_log_stderr;
     default: return "";

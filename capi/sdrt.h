@@ -7,12 +7,14 @@
  *                   cc app.c -I capi -L build/capi -Wl,-rpath,$PWD/build/capi -lsdrt
  *                   (or: cc app.c $(PKG_CONFIG_PATH=build/capi pkg-config --cflags --libs sdrt))
  *
- * Python environment: the library starts the interpreter on the first call that needs it, once per
- * process, with the Python home and the virtual environment (site-packages) it was built against,
- * baked in at build time; no environment variable is needed.  SDRT_PYTHONHOME=DIR overrides them:
- * DIR is either a virtual environment (a folder with pyvenv.cfg; its `home` names the Python) or a
- * Python installation prefix (DIR/lib/pythonX.Y/os.py).  The other PYTHON* variables of the process
- * apply as for any Python.  If the host process already runs Python, that interpreter is used.
+ * Python environment: the library starts the interpreter on the first call that needs it (not the
+ * *_params_init functions, sdrt_abi_version, sdrt_version, sdrt_cancel), once per process, in the
+ * environment it was built against (that sys.prefix is baked in at build time): as if DIR/bin/pythonX.Y
+ * ran, so the venv's pyvenv.cfg and site-packages apply; no environment variable is needed.
+ * SDRT_PYTHONHOME=DIR overrides DIR: a virtual environment (a folder with pyvenv.cfg) or a Python
+ * installation prefix, with sdrt installed.  A DIR without a Python standard library is reported
+ * (SDRT_ERR_INTERNAL), not started.  The other PYTHON* variables of the process apply as for any
+ * Python.  If the host process already runs Python, that interpreter is used as it is.
  *
  * Errors: every function that returns sdrt_status sets this thread's last error ("" on SDRT_OK) and,
  * when it has a context, that context's last error; sdrt_last_error() reads them.  No Python
