@@ -120,6 +120,12 @@ def create_app(executor: Executor, options: ServeOptions | None = None) -> FastA
         return {"status": "ready", "model": state.info.get("name"), "queue_depth": state.queue.depth(),
                 "running": len(state.queue.running())}
 
+    @app.get("/v1/info")
+    async def info():
+        data = state.info
+        return {"model": data.get("name"), "family": data.get("family"), "sizes": data.get("sizes"),
+                "max_steps": options.max_steps, "max_images": options.max_images}
+
     @app.get("/metrics")
     async def metrics():
         body, content_type = state.metrics.render(state.queue.depth())
