@@ -15,12 +15,17 @@ import numpy as np
 import pytest
 
 import sdrt.schedulers as S
-from sdrt.errors import InputError, SchedulerConfigError
+from sdrt.errors import InputError, SchedulerConfigError, SchedulerNameError
 from sdrt.schedulers.config import FIELDS
 from sdrt.schedulers.sigmas import beta_ppf
-from tests.test_schedulers import BETA, EXP, KARRAS, RANGE, SD15, build, plain, run_parity
+from tests.test_schedulers import BETA, EXP, KARRAS, RANGE, SD15, build, run_parity
 
 CLASSES = list(S.CLASSES)
+
+
+def plain(value):
+    """A config value comparable across sdrt (tuples) and diffusers (lists)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def diffusers_reads(class_name: str) -> set[str]:
@@ -212,3 +217,39 @@ def test_sigma_tables_match_diffusers():
             ref.set_timesteps(steps)
             np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=0, atol=1e-4)
             np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=0)
+
+
+NAMES = {"DDIM": "DDIMScheduler", "plms": "PNDMScheduler", "PLMS": "PNDMScheduler", "Euler a": "EulerAncestralDiscreteScheduler",
+         "euler A": "EulerAncestralDiscreteScheduler", "DPM++ 2M Karras": "DPMSolverMultistepScheduler",
+         "dpm++ 2m karras": "DPMSolverMultistepScheduler", "UniPC": "UniPCMultistepScheduler",
+         "unipc": "UniPCMultistepScheduler", "LCM": "LCMScheduler", "lcm": "LCMScheduler", "DDPM": "DDPMScheduler",
+         "LMS": "LMSDiscreteScheduler", "Heun": "HeunDiscreteScheduler", "Euler": "EulerDiscreteScheduler",
+         **{c: c for c in S.CLASSES}, **{c.lower(): c for c in S.CLASSES}, **{c.upper(): c for c in S.CLASSES}}
+
+
+@pytest.mark.parametrize("name,class_name", list(NAMES.items()))
+def test_names(name, class_name):
+    assert S.resolve(name)[0] == class_name
+    sched = S.from_config(SD15, name=name)
+    assert sched.class_name == class_name
+    if "karras" in name.lower():
+        assert sched.config.use_karras_sigmas
+
+
+def test_unknown_name():
+    with pytest.raises(SchedulerNameError) as exc:
+        S.from_config(SD15, name="Euler b")
+    for known in ("DDIM", "Euler a", "DPM++ 2M Karras", "UniPC", "LCM"):
+        assert known in str(exc.value)
+    with pytest.raises(SchedulerNameError):
+        S.from_config({**SD15, "_class_name": "FooScheduler"})
+
+
+@pytest.mark.parametrize("class_name", list(S.CLASSES))
+def test_class_defaults_follow_diffusers(class_name):
+    """Every key the class reads that a config leaves out takes the diffusers class's default."""
+    bare = {"num_train_timesteps": 1000}
+    ours = S.from_config(bare, name=class_name)
+    ref = getattr(diffusers, class_name).from_config(bare).config
+    for key in ours.keys:
+        assert plain(getattr(ours.config, key)) == plain(ref.get(key)), (class_name, key)
