@@ -228,13 +228,14 @@ def _generate(ctx, pipe, p, epoch, images_out, count_out, seed_out) -> None:
                               **options)
     else:
         result = pipe.inpaint(inputs["init_image"], inputs["mask_image"], prompt, strength=strength, **options)
-    pixels = np.ascontiguousarray(result.images)
+    pixels = result.images  # (N, H, W, 3) uint8, often not C-contiguous: copied once, straight into C memory
     count, height, width, channels = pixels.shape
     images = lib.sdrt__alloc_images(count, width, height, channels)
     if images == ffi.NULL:
         raise MemoryError(f"cannot allocate {count} images of {width}x{height}")
     for i in range(count):
-        ffi.memmove(images[i].data, pixels[i], pixels[i].nbytes)
+        target = np.frombuffer(ffi.buffer(images[i].data, height * width * channels), np.uint8)
+        target.reshape(height, width, channels)[...] = pixels[i]
     images_out[0], count_out[0], seed_out[0] = images, count, result.seed
 
 
