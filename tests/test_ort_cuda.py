@@ -5,17 +5,21 @@ CUDA provider's presence (the session says it has it) and device memory, which i
 cupy arrays. The IO binding is the real one, seen through a recorder that hands the 'cuda' buffers to it
 as CPU buffers, so the shapes, dtypes and pointers the backend binds are checked by ONNX Runtime itself
 and the outputs land where the backend allocated them. The last test runs onnxruntime-gpu on a GPU.
+Also here: ``sdrt.backends.cuda`` (the driver calls of the TensorRT backend) used from several threads.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime
 import pytest
 
+import sdrt.backends.cuda as cuda_driver
 import sdrt.backends.ort as ort_backend
 from sdrt.backends import open_engine
 from sdrt.errors import InputError
@@ -243,6 +247,57 @@ def test_without_a_working_cuda_provider_ort_cuda_is_refused(tiny_engine_dir, mo
     monkeypatch.setattr(ort_backend, "ort", fake_onnxruntime([], started=started, available=available))
     with pytest.raises(InputError, match=message):
         open_engine(load_manifest(tiny_engine_dir), "unet", "ort-cuda")
+
+
+class FakeDriver:
+    """libcuda as ``Cuda`` calls it: one primary context, current per thread as in the driver; calls that
+    need one fail with CUDA_ERROR_INVALID_CONTEXT (201) in a thread where it is not current."""
+
+    PRIMARY = 0xC0DE
+
+    def __init__(self):
+        self.local, self.made_current = threading.local(), []
+
+    def __getattr__(self, name):
+        def call(*args):
+            out = getattr(args[0], "_obj", None)  # the byref() output argument, where there is one
+            current = getattr(self.local, "context", None)
+            if name == "cuCtxSetCurrent":
+                self.local.context = getattr(args[0], "value", args[0])  # a c_void_p or its int
+                self.made_current.append(threading.current_thread().name)
+            elif name == "cuCtxGetCurrent":
+                out.value = current
+            elif name == "cuGetErrorString":
+                args[1]._obj.value = b"invalid device context"
+            elif name in ("cuDeviceGet", "cuDevicePrimaryCtxRetain"):
+                out.value = args[1] if name == "cuDeviceGet" else self.PRIMARY
+            elif current != self.PRIMARY:
+                return 201
+            elif out is not None:
+                out.value = 4096  # a stream or an allocation
+            return 0
+
+        return call
+
+
+def test_cuda_driver_calls_work_from_any_thread(monkeypatch):
+    """The context is made current in a thread that has none (once per thread, not per call)."""
+    fake = FakeDriver()
+    monkeypatch.setattr(cuda_driver, "driver", lambda: fake)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # driver allocations, not cupy's pool
+    cuda = cuda_driver.Cuda()
+
+    def work():
+        ptr = cuda.alloc(1024)
+        cuda.to_device(ptr, 0, 16), cuda.to_host(0, ptr, 16), cuda.copy(ptr, ptr, 16)
+        cuda.launch(5), cuda.synchronize(), cuda.free(ptr)
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
+        worker = pool.submit(work).result(timeout=30)
+        assert pool.submit(work).result(timeout=30) == worker
+    work()
+    assert fake.made_current == [threading.current_thread().name, worker]
 
 
 def _gpu_provider_reason() -> str | None:

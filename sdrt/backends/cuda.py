@@ -38,6 +38,7 @@ def _load_driver() -> ctypes.CDLL:
         "cuDeviceGetCount": [ctypes.POINTER(i32)], "cuDeviceGet": [ctypes.POINTER(i32), i32],
         "cuDeviceGetAttribute": [ctypes.POINTER(i32), i32, i32], "cuDeviceGetName": [ctypes.c_char_p, i32, i32],
         "cuDevicePrimaryCtxRetain": [ctypes.POINTER(vp), i32], "cuCtxSetCurrent": [vp],
+        "cuCtxGetCurrent": [ctypes.POINTER(vp)],
         "cuMemAlloc_v2": [ctypes.POINTER(u64), size], "cuMemFree_v2": [u64],
         "cuMemcpyHtoDAsync_v2": [u64, vp, size, vp], "cuMemcpyDtoHAsync_v2": [vp, u64, size, vp],
         "cuMemcpyDtoDAsync_v2": [u64, u64, size, vp],
@@ -91,22 +92,33 @@ def gpu_info(device: int = 0) -> GpuInfo:
 
 
 class Cuda:
-    """Device 0's primary context (the one the CUDA runtime, TensorRT and cupy use) and one stream."""
+    """Device 0's primary context (the one the CUDA runtime, TensorRT and cupy use) and one stream. Every
+    call first makes that context current in the calling thread: driver calls act on the thread's current
+    context, and a thread that has not used the CUDA runtime has none (``sdrt serve`` opens engines in
+    one thread and runs them in others)."""
 
     def __init__(self, device: int = 0):
         self.lib = lib = driver()
         dev, ctx = ctypes.c_int(), ctypes.c_void_p()
         _check(lib, lib.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet")
         _check(lib, lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev.value), "cuDevicePrimaryCtxRetain")
-        _check(lib, lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self.context = ctx.value
+        self._bind()
         stream = ctypes.c_void_p()
         _check(lib, lib.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING), "cuStreamCreate")
         self.stream = stream.value or 0
         self._cupy_blocks: dict[int, object] = {}
 
+    def _bind(self) -> None:
+        current = ctypes.c_void_p()
+        _check(self.lib, self.lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+        if current.value != self.context:
+            _check(self.lib, self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+
     def alloc(self, nbytes: int) -> int:
         """Device memory (256-byte aligned); from cupy's pool when cupy is installed."""
         nbytes = max(int(nbytes), 256)
+        self._bind()
         try:
             import cupy
         except ImportError:
@@ -118,23 +130,29 @@ class Cuda:
         return block.ptr
 
     def free(self, ptr: int) -> None:
+        self._bind()
         if self._cupy_blocks.pop(ptr, None) is None and ptr:
             _check(self.lib, self.lib.cuMemFree_v2(ptr), "cuMemFree")
 
     def to_device(self, dst: int, host_ptr: int, nbytes: int) -> None:
+        self._bind()
         _check(self.lib, self.lib.cuMemcpyHtoDAsync_v2(dst, host_ptr, nbytes, self.stream), "host-to-device copy")
 
     def to_host(self, host_ptr: int, src: int, nbytes: int) -> None:
+        self._bind()
         _check(self.lib, self.lib.cuMemcpyDtoHAsync_v2(host_ptr, src, nbytes, self.stream), "device-to-host copy")
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
+        self._bind()
         _check(self.lib, self.lib.cuMemcpyDtoDAsync_v2(dst, src, nbytes, self.stream), "device-to-device copy")
 
     def synchronize(self) -> None:
+        self._bind()
         _check(self.lib, self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
 
     def capture(self, work) -> int:
         """Record what ``work()`` enqueues on the stream as an executable CUDA graph (nothing runs)."""
+        self._bind()
         _check(self.lib, self.lib.cuStreamBeginCapture_v2(self.stream, _CAPTURE_THREAD_LOCAL), "begin capture")
         graph = ctypes.c_void_p()
         try:
@@ -151,7 +169,9 @@ class Cuda:
         return executable.value
 
     def launch(self, graph_exec: int) -> None:
+        self._bind()
         _check(self.lib, self.lib.cuGraphLaunch(graph_exec, self.stream), "cuGraphLaunch")
 
     def destroy_graph(self, graph_exec: int) -> None:
+        self._bind()
         self.lib.cuGraphExecDestroy(graph_exec)
