@@ -132,3 +132,18 @@ def test_cupy_feeds_give_cupy_outputs_equal_to_numpy(fp32_engines, cupy):
     for name in spec.output_names:
         assert isinstance(on_device[name], cupy.ndarray)
         np.testing.assert_array_equal(cupy.asnumpy(on_device[name]), on_host[name])
+
+
+def test_engine_runs_in_another_thread_than_it_was_opened_in(fp32_engines):
+    """As ``sdrt serve`` runs them: engines opened in one thread, run in a fresh worker thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdrt.backends import open_engine
+
+    spec = fp32_engines.specs["unet"]
+    engine, feeds = open_engine(fp32_engines, "unet", BACKEND, cuda_graph=True), _feeds(spec)
+    want = engine(feeds)
+    with ThreadPoolExecutor(1) as pool:
+        got = pool.submit(engine, feeds).result(timeout=300)
+    for name in spec.output_names:
+        np.testing.assert_array_equal(got[name], want[name])
