@@ -111,14 +111,16 @@ def test_pixels_equal_python_api(capi, tiny_engine_dir, pipe, inputs, tmp_path):
     assert not np.array_equal(expected["b"][0], expected["b"][1])
 
 
-def test_cancel_from_callback_and_from_another_thread(capi, tiny_engine_dir, tmp_path):
+def test_cancel_from_callback_and_from_another_thread_and_reentry(capi, tiny_engine_dir, tmp_path):
     results, _, stderr = run(capi, tmp_path, [
         cmd("open", 0, engine_dir=tiny_engine_dir, threads=1),
         cmd("gen", 0, cancel_at=2, scheduler="Euler", **{**FAST, "steps": 5}),
         cmd("gen", 0, thread_cancel_at=3, scheduler="Euler", **{**FAST, "steps": 5}),
-        cmd("gen", 0, scheduler="Euler", **FAST)])  # a cancel does not stick to later calls
+        cmd("gen", 0, scheduler="Euler", **FAST),  # a cancel does not stick to later calls
+        cmd("gen", 0, scheduler="Euler", reenter_at=1, **FAST)])
     assert stderr == ""
-    callback, thread, after = results[1:]
+    callback, thread, after, reentered = results[1:]
+    assert reentered["status"] == OK and reentered["reenter_status"] == ERR_INPUT, reentered  # and no deadlock
     assert callback["status"] == ERR_CANCELLED and callback["steps"] == 2 and "step 2/5" in callback["error"]
     assert thread["status"] == ERR_CANCELLED and thread["steps"] == 3, thread
     assert "sdrt_cancel" in thread["error"] and "step 3/5" in thread["error"]
@@ -276,6 +278,16 @@ def test_log_callback_per_context_and_stderr_only_when_asked(capi, tiny_engine_d
     assert run(capi, tmp_path, quiet, env)[2] == ""
     loud = run(capi, tmp_path, quiet, {**env, "SDRT_LOG_STDERR": "1"})[2]
     assert "cannot write ORT cache" in loud
+
+
+def test_plugin_host_dlopen_rtld_local(capi, tiny_engine_dir, tmp_path):
+    """Loaded with dlopen(RTLD_LOCAL), libsdrt still imports numpy/onnxruntime (it makes libpython global)."""
+    program = tmp_path / "dlopen_test"
+    subprocess.run(["cc", "-std=c99", "-Wall", "-Werror", f"-I{ROOT / 'capi'}", str(ROOT / "tests" / "capi" /
+                    "dlopen_test.c"), "-o", str(program), "-ldl"], check=True)
+    proc = subprocess.run([str(program), str(capi / "libsdrt.so"), str(tiny_engine_dir)], env={},
+                          capture_output=True, text=True, timeout=600)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "0 \n", "")
 
 
 def test_python_home_override(capi, tiny_engine_dir, tmp_path):

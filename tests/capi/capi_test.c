@@ -6,7 +6,7 @@
  *
  *   open SLOT [engine_dir= backend= threads= log=1 log_level= struct_size=v1|v1-1|big0|bigx|N]
  *   gen SLOT [mode= prompt=|prompt=NULL negative= scheduler= width= height= steps= batch= guidance=
- *             strength= seed= image=F.ppm mask=F.pgm out=PREFIX cancel_at=K thread_cancel_at=K
+ *             strength= seed= image=F.ppm mask=F.pgm out=PREFIX cancel_at=K thread_cancel_at=K reenter_at=K
  *             struct_size=... null=ctx|params|images_out|count_out|seed_out]
  *   parallel SLOT_A SLOT_B [gen options; outA= outB= seedA= seedB=]   (two threads, at once)
  *   cycles SLOT n=N [gen options]        (N generate/free cycles; RSS after N/10 and after N)
@@ -85,7 +85,7 @@ static void write_ppm(const char *path, const sdrt_image *image) {
 
 typedef struct {
     sdrt_context *ctx;
-    int steps, total, cancel_at, thread_cancel_at;
+    int steps, total, cancel_at, thread_cancel_at, reenter_at, reenter_status;
 } progress_state;
 
 static void *cancel_thread(void *ctx) {
@@ -100,6 +100,15 @@ static int on_progress(int step, int total, void *user_data) {
         pthread_t t;
         pthread_create(&t, NULL, cancel_thread, s->ctx);
         pthread_join(t, NULL);
+    }
+    if (step == s->reenter_at) { /* re-entering the same context from its callback: refused, no deadlock */
+        sdrt_generate_params p;
+        sdrt_image *images;
+        int count;
+        sdrt_generate_params_init(&p);
+        p.prompt = "inner";
+        s->reenter_status = sdrt_generate(s->ctx, &p, &images, &count, NULL);
+        sdrt_context_close(s->ctx); /* ignored the same way */
     }
     return step == s->cancel_at;
 }
@@ -162,7 +171,8 @@ static void *run_gen(void *arg) {
     sdrt_generate_params *p = &g.p;
     sdrt_generate_params_init(p);
     sdrt_image init = {0}, mask = {0};
-    progress_state s = {ctx, 0, 0, atoi(opt(o, "cancel_at", "0")), atoi(opt(o, "thread_cancel_at", "0"))};
+    progress_state s = {ctx, 0, 0, atoi(opt(o, "cancel_at", "0")), atoi(opt(o, "thread_cancel_at", "0")),
+                        atoi(opt(o, "reenter_at", "0")), -1};
     p->mode = opt(o, "mode", "txt2img");
     p->prompt = opt(o, "prompt", "a photo of a cat");
     if (strcmp(p->prompt, "NULL") == 0) p->prompt = NULL;
@@ -205,8 +215,9 @@ static void *run_gen(void *arg) {
         sdrt_images_free(images, count);
     }
     snprintf(job->line, sizeof job->line, "\"count\": %d, \"seed\": %" PRId64 ", \"size\": [%d, %d, %d], "
-             "\"steps\": %d, \"total\": %d, \"images_null\": %d, \"thread_error\": %s, \"ctx_error\": %s",
-             count, seed, w, h, c, s.steps, s.total, images == NULL, js(sdrt_last_error(NULL)), js(error));
+             "\"steps\": %d, \"total\": %d, \"images_null\": %d, \"reenter_status\": %d, \"thread_error\": %s, "
+             "\"ctx_error\": %s", count, seed, w, h, c, s.steps, s.total, images == NULL, s.reenter_status,
+             js(sdrt_last_error(NULL)), js(error));
     free(init.data);
     free(mask.data);
     return NULL;
