@@ -164,8 +164,9 @@ def _start_ray(args, settings: RaySettings) -> bool:
     return True
 
 
-def run(args) -> int:
-    """Serve until SIGTERM/SIGINT; then drain, delete the application and stop what was started. Exit 0."""
+def run(args) -> dict:
+    """Serve until SIGTERM/SIGINT; then drain, delete the application and stop what was started (exit 0)."""
+    from sdrt.errors import SdrtError
     from sdrt.serve.cli import options_from_args
 
     options = options_from_args(args)  # auth, limits; refuses a non-loopback bind without auth
@@ -173,8 +174,13 @@ def run(args) -> int:
     if not args.ray_address:
         for key, value in LOCAL_ENV.items():
             os.environ.setdefault(key, value)
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise SdrtError(f"--ray needs the ray extra ({exc.name} is missing): pip install 'sdrt[ray]'") from None
+    if log.getEffectiveLevel() > logging.INFO:  # start-up and shutdown lines show without -v
+        log.setLevel(logging.INFO)
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -182,7 +188,9 @@ def run(args) -> int:
     try:
         serve.start(proxy_location="HeadOnly" if owned else "EveryNode",
                     http_options={"host": args.host, "port": int(args.port)})
-        handle = serve.run(build(settings, options), name=APP_NAME, route_prefix="/")
+        # the app logs one line per request itself; Serve's access log would repeat it
+        handle = serve.run(build(settings, options), name=APP_NAME, route_prefix="/",
+                           logging_config={"enable_access_log": False})
         log.info("sdrt serve --ray: %s replicas of %s on http://%s:%d", settings.autoscale or settings.replicas,
                  settings.engines, args.host, int(args.port))
         while not stop.wait(1.0):
@@ -201,4 +209,5 @@ def run(args) -> int:
             ray.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    return 0
+    log.info("sdrt serve --ray: stopped")
+    return {}

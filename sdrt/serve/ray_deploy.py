@@ -21,10 +21,12 @@ import asyncio
 import logging
 import os
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from sdrt.errors import Cancelled, SdrtError
-from sdrt.serve.executor import GenRequest, GenResult, StepHook
+from sdrt.serve.errors import ApiError
+from sdrt.serve.executor import INTERRUPT, GenRequest, GenResult, StepHook
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +84,18 @@ class SdrtModel:
     def info(self) -> dict:
         return {"replica": self.local.replica, "pid": os.getpid(), "manifest_info": self.local.manifest_info}
 
-    async def generate(self, req: GenRequest):
+    async def generate(self, req: GenRequest, key: str | None = None, board=None):
         """Stream ``("started", replica, pid)``, ``("step", step, total)`` per step, then ``("result",
-        GenResult)`` or ``("error", SdrtError)``. Cancelled by the caller: the Pipeline stops at its next step."""
+        GenResult)`` or ``("error", SdrtError)``. Cancelled by the caller: the Pipeline stops at its next step.
+        A1111 interrupt/skip come the other way through ``board`` (a ``ControlBoard`` actor, entry ``key``)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
+        control = ControlReader(board, key)
 
-        def on_step(step: int, total: int) -> bool:
+        def on_step(step: int, total: int) -> "bool | str":
             loop.call_soon_threadsafe(events.put_nowait, ("step", step, total))
-            return not stop.is_set()
+            return False if stop.is_set() else control.poll()
 
         def work() -> GenResult:
             if stop.is_set():
@@ -120,12 +124,57 @@ class SdrtModel:
             stop.set()
 
 
+class ControlBoard:
+    """A1111 interrupt / skip on their way from the ingress to a replica (Ray Serve streams go one way
+    only): a small Ray actor owned by the ingress, one entry per request in flight."""
+
+    def __init__(self):
+        self.answers: dict[str, str] = {}
+
+    def set(self, key: str, answer: str) -> None:
+        self.answers[key] = answer
+
+    def take(self, key: str) -> str | None:
+        return self.answers.pop(key, None)
+
+
+class ControlReader:
+    """The replica's side of ``ControlBoard``: at each step, reads the answer of the last ``take`` if it has
+    arrived (never waits), so a step costs no round trip; an interrupt or skip lands within a step or two."""
+
+    def __init__(self, board, key):
+        self.board, self.key, self.pending = board, key, None
+
+    def poll(self) -> "bool | str":
+        if self.board is None:
+            return True
+        import ray
+
+        if self.pending is None:
+            self.pending = self.board.take.remote(self.key)
+        ready, _ = ray.wait([self.pending], timeout=0)
+        if not ready:
+            return True
+        answer, self.pending = ray.get(self.pending), None
+        return answer or True
+
+
+class ReplicaFailed(ApiError):
+    """503 ``{"error": "ReplicaFailed", ...}`` with ``Retry-After``: the replica running a request died."""
+
+    def __init__(self, detail: str):
+        super().__init__(503, detail, error="ReplicaFailed", headers={"Retry-After": "2"})
+
+    def __reduce__(self):
+        return ReplicaFailed, (self.detail,)
+
+
 class RayExecutor:
     """The ``Executor`` protocol over the ``SdrtModel`` deployment (``sdrt.serve.executor``)."""
 
-    def __init__(self, handle, manifest_info: dict, concurrency: int):
+    def __init__(self, handle, manifest_info: dict, concurrency: int, board=None):
         self.stream = handle.options(stream=True)
-        self.manifest_info, self.concurrency = manifest_info, concurrency
+        self.manifest_info, self.concurrency, self.board = manifest_info, concurrency, board
         self._closed = False
 
     def ready(self) -> bool:
@@ -133,31 +182,33 @@ class RayExecutor:
 
     def generate(self, req: GenRequest, on_step: StepHook) -> GenResult:
         """Blocking (a JobQueue worker thread). Replica death before the first event: sent again (it never
-        ran); after it: ``ApiError`` 503 naming the replica. Ray's own task errors propagate (-> 500)."""
+        ran); after it: ``ReplicaFailed`` (503) naming the replica. Ray's own task errors propagate (-> 500)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, TaskCancelledError, \
             WorkerCrashedError
-
-        from sdrt.serve.errors import ApiError
 
         gone = (ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError)
         for attempt in range(RETRIES_BEFORE_START + 1):
             if self._closed:
                 raise Cancelled("the server is shutting down")
-            started, response = None, self.stream.generate.remote(req)
+            key, sent = uuid.uuid4().hex, None
+            started, response = None, self.stream.generate.remote(req, key, self.board)
             try:
                 for event in response:
                     if event[0] == "started":
                         started = event[1]
                     elif event[0] == "step":
-                        if on_step(event[1], event[2]) is False:
+                        answer = on_step(event[1], event[2])
+                        if answer is False:
                             response.cancel()
                             raise Cancelled("cancelled")
+                        if isinstance(answer, str) and self.board is not None and not answer == sent == INTERRUPT:
+                            self.board.set.remote(key, answer)  # A1111 interrupt / skip: the replica polls it
+                            sent = answer
                     elif event[0] == "error":
                         raise event[1]
                     elif event[0] == "result":
                         return event[1]
-                raise ApiError(503, "the model replica ended the request without a result; retry",
-                               error="ReplicaFailed", headers={"Retry-After": "2"})
+                raise ReplicaFailed("the model replica ended the request without a result; retry")
             except TaskCancelledError:
                 raise Cancelled("cancelled") from None
             except gone as exc:
@@ -167,8 +218,11 @@ class RayExecutor:
                     continue
                 where = f"replica {started}" if started else "the model replica"
                 log.error("%s died during a request: %s", where, type(exc).__name__)
-                raise ApiError(503, f"{where} died during the request ({type(exc).__name__}); Ray restarts it, "
-                               "retry", error="ReplicaFailed", headers={"Retry-After": "2"}) from None
+                raise ReplicaFailed(f"{where} died during the request ({type(exc).__name__}); Ray restarts it, "
+                                     "retry") from None
+            finally:
+                if sent is not None:
+                    self.board.take.remote(key)  # an answer the replica did not read
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -181,9 +235,12 @@ class SdrtIngress:
     ``serve.ingress()`` (the app is built per replica by ``__serve_build_asgi_app__``) and ``serve.deployment``."""
 
     async def __init__(self, model, options, concurrency: int):
+        import ray
+
         keep_replica_on_loopback()
         info = await model.info.remote()
-        self.executor = RayExecutor(model, info["manifest_info"], concurrency)
+        board = ray.remote(ControlBoard).options(num_cpus=0).remote()
+        self.executor = RayExecutor(model, info["manifest_info"], concurrency, board)
         self.options = options
         log.info("ingress %s: model %s, %d concurrent generations", replica_id(), info["manifest_info"].get("name"),
                  concurrency)
