@@ -165,7 +165,10 @@ class JobQueue:
     def submit(self, request: GenRequest, route: str = "jobs") -> Job:
         """Queue ``request``; QueueFull when ``max_queue`` jobs wait already, Draining while shutting down."""
         self.expire()
-        job = Job(id=uuid.uuid4().hex, request=request, route=route, steps=request.steps * request.count)
+        max_batch = int(self.executor.manifest_info.get("sizes", {}).get("max_batch", 1))
+        per_run = max(1, min(request.batch_size or max_batch, max_batch))
+        runs = -(-request.count // per_run)  # as executor.run_request splits the images
+        job = Job(id=uuid.uuid4().hex, request=request, route=route, steps=request.steps * runs)
         with self._cond:
             if self.draining or self._stop:
                 raise Draining("the server is shutting down; not taking new jobs")
