@@ -32,6 +32,7 @@ ffi = lib = None
 _contexts: dict[int, "_Context"] = {}
 _local = threading.local()  # .context: the context whose call runs on this thread (log routing)
 _log_stderr = False
+_own_interpreter = True
 
 
 @dataclass
@@ -85,8 +86,8 @@ class _LogStream(io.TextIOBase):
 
 def start(ffi_, lib_, own_interpreter: bool, log_stderr: bool) -> None:
     """Once per process: keep ffi/lib and route logging (and, in our own interpreter, stdio) to contexts."""
-    global ffi, lib, _log_stderr
-    ffi, lib, _log_stderr = ffi_, lib_, log_stderr
+    global ffi, lib, _log_stderr, _own_interpreter
+    ffi, lib, _log_stderr, _own_interpreter = ffi_, lib_, log_stderr, own_interpreter
     handler = _ToContextLog(logging.DEBUG)
     if own_interpreter:
         logging.captureWarnings(True)
@@ -103,8 +104,12 @@ def start(ffi_, lib_, own_interpreter: bool, log_stderr: bool) -> None:
 
 
 def _update_level():
+    """sdrt's logger passes the lowest level a context's callback asks for (WARNING by default); in a host's
+    interpreter it is only ever lowered, never raised above what the host set."""
     levels = [c.log_level for c in _contexts.values() if c.log_fn is not None]
-    logging.getLogger("sdrt").setLevel(min(levels + [logging.WARNING]))
+    logger, level = logging.getLogger("sdrt"), min(levels + [logging.WARNING])
+    if _own_interpreter or level < logger.getEffectiveLevel():
+        logger.setLevel(level)
 
 
 def _call(ctx, context, work, *args, failure=ERR_INPUT) -> int:
