@@ -36,3 +36,34 @@ def tiny_engine_dir(tiny_model_dir, tmp_path_factory):
     export_model(tiny_model_dir, out, sizes=SizeRange(min_size=64, opt_size=128, max_size=256, max_batch=2),
                  progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_engine_dir(tiny_model_dir, tmp_path_factory):
+    """fp16 ENGINE_DIR of the tiny model (sizes 64..256, opt 128, max batch 2), exported once per session
+    with `sdrt export --precision fp16`. Do not modify it."""
+    from sdrt.cli import main
+
+    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    assert main(["export", "--model", str(tiny_model_dir), "--out", str(out), "--min-size", "64", "--max-size",
+                 "256", "--opt-size", "128", "--max-batch", "2", "--precision", "fp16", "--json"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory):
+    """A random-weight tiny SDXL pipeline folder (seed 0), built once per session. Do not modify it."""
+    from sdrt_export.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", arch="tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_fp16_engine_dir(tiny_sdxl_model_dir, tmp_path_factory):
+    """fp16 ENGINE_DIR of tiny-sdxl (sizes 64..128, max batch 2; the VAE stays fp32: force_upcast)."""
+    from sdrt.specs import SizeRange
+    from sdrt_export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("fp16") / "tiny-sdxl-fp16"
+    export_model(tiny_sdxl_model_dir, out, sizes=SizeRange(64, 64, 128, 2), progress=False, precision="fp16")
+    return out

@@ -293,17 +293,14 @@ def test_tensorrt_rtx_build_matches_the_family_specs(families, arch, tmp_path):
         manifest.verified_engine("tensorrt-rtx", spec.name)
 
 
-def test_sdxl_fp16_export_keeps_the_vae_in_fp32(families, tmp_path):
-    """force_upcast (the SDXL VAE overflows fp16): an fp16 export writes the VAE in fp32, the rest in fp16."""
+def test_sdxl_fp16_export_keeps_the_vae_in_fp32(tiny_sdxl_fp16_engine_dir):
+    """force_upcast (the SDXL VAE overflows fp16): an fp16 export writes the VAE in fp32, the rest in fp16.
+    Its numbers against torch and diffusers fp32: ``test_fp16_torch.py``."""
     import onnx
 
     from sdrt.manifest import load_manifest
-    from sdrt_export.exporter import export_model
 
-    model, _ = families("tiny-sdxl")
-    out = tmp_path / "fp16"
-    export_model(model, out, sizes=SizeRange(64, 64, 64, 1), progress=False, precision="fp16")
-    manifest = load_manifest(out)
+    manifest = load_manifest(tiny_sdxl_fp16_engine_dir)
     assert manifest.data["vae"]["force_upcast"] is True
     for spec in manifest.specs:
         want = "fp32" if spec.name.startswith("vae_") else "fp16"
@@ -311,5 +308,3 @@ def test_sdxl_fp16_export_keeps_the_vae_in_fp32(families, tmp_path):
         graph = onnx.load(str(manifest.verified_path(spec.name)), load_external_data=False).graph
         has_fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
         assert has_fp16 == (want == "fp16"), spec.name
-    result = Pipeline(out).txt2img(PROMPT, steps=2, width=64, height=64, seed=0)
-    assert np.isfinite(result.unit_images).all()

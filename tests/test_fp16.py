@@ -2,6 +2,8 @@
 
 fp16 graphs are evaluated through ``fp16.emulate`` (fp32 compute, every fp16 tensor rounded), the
 arithmetic of a strongly typed fp16 engine; ONNX Runtime's CPU kernels would hide fp16 overflow.
+``test_fp16_torch.py`` runs the fp16 graphs themselves against torch fp32, per component and as images
+against the diffusers pipeline, SD1.5 and SDXL.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
-from PIL import Image
 
-from sdrt.cli import main
 from sdrt.errors import InputError
 from sdrt.manifest import load_manifest
 from sdrt_export import fp16
@@ -24,9 +24,6 @@ from sdrt_export.checks import random_inputs, relative_error, run_torch
 from sdrt_export.wrappers import load_component
 
 FP16_BOUND = 1e-2  # relative L2 per component vs torch fp32 (measured 1.4e-3 .. 2.1e-3)
-# txt2img fp16 vs fp32 artifact, PNG values in [0, 1]: measured max 1/255 (one 8-bit level, 4 seeds,
-# also with emulated graphs), mean 1e-4 .. 2e-4; bounds with a 3-5x margin.
-IMAGE_MAX_ABS, IMAGE_MEAN_ABS = 4 / 255, 1e-3
 SHAPES = [(1, 64, 136), (2, 120, 136)]
 # VAE decoder weights multiplied so the up-blocks' activations exceed 65504 (max ~2e5 at x30).
 UP_BLOCK_WEIGHTS = re.compile(r"decoder\.up_blocks\.\d+\.(resnets\.\d+\.conv2|upsamplers\.0\.conv)\.(weight|bias)")
@@ -45,11 +42,8 @@ def _convert(model: onnx.ModelProto, islands) -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def fp16_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
-    assert main(["export", "--model", str(tiny_model_dir), "--out", str(out), "--min-size", "64", "--max-size",
-                 "256", "--opt-size", "128", "--max-batch", "2", "--precision", "fp16", "--json"]) == 0
-    return out
+def fp16_dir(tiny_fp16_engine_dir):
+    return tiny_fp16_engine_dir
 
 
 @pytest.fixture(scope="module")
@@ -182,18 +176,6 @@ def test_graph_is_fp16_with_fp32_islands(fp16_dir, tiny_engine_dir):
                     assert w.data_type == half, name
         else:
             assert share >= 0.95, (spec.name, share)
-
-
-def test_txt2img_close_to_fp32(fp16_dir, tiny_engine_dir, tmp_path):
-    images = {}
-    for label, engines in (("fp32", tiny_engine_dir), ("fp16", fp16_dir)):
-        out = tmp_path / f"{label}.png"
-        assert main(["txt2img", "--engines", str(engines), "--prompt", "a photo of a cat, studio lighting",
-                     "--steps", "12", "--seed", "3", "--width", "128", "--height", "96", "--out", str(out)]) == 0
-        images[label] = np.asarray(Image.open(out), dtype=np.float64) / 255
-    diff = np.abs(images["fp16"] - images["fp32"])
-    assert images["fp16"].shape == (96, 128, 3)
-    assert diff.max() <= IMAGE_MAX_ABS and diff.mean() <= IMAGE_MEAN_ABS, (diff.max(), diff.mean())
 
 
 def test_external_data_layout(tiny_engine_dir, tmp_path, monkeypatch):
