@@ -66,8 +66,7 @@ def start(mode: str, engines: str, threads: int, log_path: Path):
     if mode == "local":
         cmd += ["--threads", str(threads)]
     else:
-        cmd += ["--ray", "--replicas", "2", "--threads", str(max(1, threads // 2)),
-                "--ray-temp-dir", tempfile.mkdtemp(prefix="sdrt-ray-", dir="/tmp")]
+        cmd += ["--ray", "--replicas", "2", "--threads", str(max(1, threads // 2))]
     log = open(log_path, "w")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -28,6 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 START_S = 300  # Ray + 2 replicas on a busy 2-core machine: about a minute; bounded here
 REQUEST_S = 120
 MODEL_REPLICA = "ray::ServeReplica:sdrt:SdrtModel"
+FINISHED = ("succeeded", "failed", "cancelled")
+LONG = 900  # steps of a request that runs long enough to be cancelled or killed (the tiny model has 1000)
 
 
 def _free_port() -> int:
@@ -98,13 +99,12 @@ class Server:
     def __init__(self, engine_dir, log_path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.temp_dir = tempfile.mkdtemp(prefix="sdrt-ray-", dir="/tmp")  # short: Ray's socket paths
         self.log = open(log_path, "w+")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdrt.cli", "serve", "--engines", str(engine_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--threads", "1", "--max-steps", "2000", "--drain-timeout", "10",
-             "--ray", "--replicas", "2", "--ray-temp-dir", self.temp_dir],
+             "--port", str(self.port), "--threads", "1", "--max-steps", "1000", "--drain-timeout", "10",
+             "--ray", "--replicas", "2"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.seen: dict[int, str] = {}
 
@@ -213,6 +213,8 @@ def _wait_job(server, job_id, until, timeout=REQUEST_S) -> dict:
         job = requests.get(f"{server.url}/v1/jobs/{job_id}", timeout=30).json()
         if until(job):
             return job
+        if job["state"] in FINISHED:
+            pytest.fail(f"job {job_id} ended before the expected state: {job}")
         time.sleep(0.1)
     pytest.fail(f"job {job_id} did not reach the expected state within {timeout} s: {job}\n{server.output()}")
 
@@ -233,7 +235,7 @@ def test_a1111_txt2img_pixels_and_replica_header(server, pipe):
 
 def test_jobs_api_over_ray(server, pipe):
     job_id = _job(server, steps=4, seed=77)
-    job = _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"))
+    job = _wait_job(server, job_id, lambda j: j["state"] in FINISHED)
     assert job["state"] == "succeeded", job
     image = requests.get(f"{server.url}/v1/jobs/{job_id}/images/0.png", timeout=30)
     assert image.status_code == 200
@@ -266,15 +268,31 @@ def test_requests_spread_over_two_replicas(server):
 
 
 def test_cancel_stops_the_replica_at_its_next_step(server):
-    job_id = _job(server, steps=2000)
+    job_id = _job(server, steps=LONG, size=128)
     _wait_job(server, job_id, lambda j: j["state"] == "running" and j["step"] >= 1)
     assert requests.post(f"{server.url}/v1/jobs/{job_id}/cancel", timeout=30).status_code in (200, 202)
-    job = _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"), timeout=60)
-    assert job["state"] == "cancelled" and job["step"] < 2000, job
+    job = _wait_job(server, job_id, lambda j: j["state"] in FINISHED, timeout=60)
+    assert job["state"] == "cancelled" and job["step"] < LONG, job
     # both replicas are free again: two concurrent requests finish
     done = [_job(server, steps=4, seed=s) for s in (5, 6)]
     for job_id in done:
-        assert _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed"))["state"] == "succeeded"
+        assert _wait_job(server, job_id, lambda j: j["state"] in FINISHED)["state"] == "succeeded"
+
+
+def test_a1111_interrupt_reaches_the_replica(server):
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("r", _a1111(server, seed=8, steps=LONG, size=128)))
+    thread.start()
+    deadline = time.monotonic() + REQUEST_S
+    while requests.get(server.url + "/sdapi/v1/progress", timeout=30).json()["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline and thread.is_alive(), "the request never started"
+        time.sleep(0.1)
+    assert requests.post(server.url + "/sdapi/v1/interrupt", timeout=30).status_code == 200
+    thread.join(REQUEST_S)
+    assert not thread.is_alive(), "interrupt did not stop the replica"
+    response = out["r"]
+    assert response.status_code == 200, response.text  # A1111: the partly denoised image
+    assert len(response.json()["images"]) == 1 and response.headers["X-Sdrt-Replica"].startswith("sdrt#SdrtModel#")
 
 
 def test_killed_replica_fails_its_request_and_is_restarted(server, pipe):
@@ -283,27 +301,43 @@ def test_killed_replica_fails_its_request_and_is_restarted(server, pipe):
     sync: dict = {}
 
     def sync_request():
-        sync["response"] = _a1111(server, seed=9, steps=1500)
+        sync["response"] = _a1111(server, seed=9, steps=LONG, size=128)
 
-    job_id = _job(server, steps=1500, seed=10)
+    job_id = _job(server, steps=LONG, seed=10, size=128)
     thread = threading.Thread(target=sync_request)
     thread.start()
     _wait_job(server, job_id, lambda j: j["state"] == "running" and j["step"] >= 1)
-    time.sleep(1.0)  # the synchronous request is on the other replica by now (one request per replica)
+    deadline = time.monotonic() + REQUEST_S  # both generations running: one per replica (max_ongoing 1)
+    while requests.get(server.url + "/readyz", timeout=30).json().get("running") != 2:
+        assert time.monotonic() < deadline and thread.is_alive(), "the two requests never ran together"
+        time.sleep(0.1)
+    time.sleep(1.0)  # past its first steps on the other replica
     server.track()
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
-    job = _wait_job(server, job_id, lambda j: j["state"] in ("succeeded", "failed", "cancelled"), timeout=REQUEST_S)
-    thread.join(REQUEST_S)
-    assert "response" in sync, "the synchronous request did not return"
-    response = sync["response"]
-    outcomes = sorted([job["state"], "succeeded" if response.status_code == 200 else "failed"])
-    assert outcomes == ["failed", "succeeded"], (job, response.status_code, response.text[:500])
-    if job["state"] == "failed":  # the killed replica ran the job
-        assert job["error"]["status"] == 503 and job["error"]["error"] == "ReplicaFailed", job
+    deadline = time.monotonic() + REQUEST_S  # the killed replica's request fails first (the other has far to go)
+    while time.monotonic() < deadline:
+        job = requests.get(f"{server.url}/v1/jobs/{job_id}", timeout=30).json()
+        if job["state"] in FINISHED or not thread.is_alive():
+            break
+        time.sleep(0.1)
+    if job["state"] in FINISHED:  # the killed replica ran the job
+        assert job["state"] == "failed" and job["error"]["status"] == 503, job
+        assert job["error"]["error"] == "ReplicaFailed" and "died" in job["error"]["detail"], job
     else:  # it ran the synchronous request
+        thread.join(1)
+        response = sync.get("response")
+        assert response is not None, f"neither request ended within {REQUEST_S} s after the kill"
         assert response.status_code == 503 and response.json()["error"] == "ReplicaFailed", response.text
         assert "Traceback" not in response.text
+    # the survivor is stopped the A1111 way (both would otherwise run 900 steps)
+    assert requests.post(server.url + "/sdapi/v1/interrupt", timeout=30).status_code == 200
+    thread.join(REQUEST_S)
+    assert not thread.is_alive(), "the synchronous request did not return after interrupt"
+    job = _wait_job(server, job_id, lambda j: j["state"] in FINISHED)
+    assert job["state"] in ("failed", "cancelled", "succeeded") and sync["response"].status_code in (200, 409, 503)
+    failed = [job["state"] == "failed", sync["response"].status_code == 503]
+    assert sum(failed) == 1, (job, sync["response"].status_code, sync["response"].text[:300])
 
     # Ray starts a new replica; later requests succeed, with the same pixels
     deadline = time.monotonic() + START_S

@@ -182,9 +182,10 @@ def run(args) -> dict:
     if log.getEffectiveLevel() > logging.INFO:  # start-up and shutdown lines show without -v
         log.setLevel(logging.INFO)
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     owned = _start_ray(args, settings)
+    stop = threading.Event()
+    # after ray.init, whose own SIGTERM handler (a crash reporter) would otherwise abort the process
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(proxy_location="HeadOnly" if owned else "EveryNode",
                     http_options={"host": args.host, "port": int(args.port)})
