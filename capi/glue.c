@@ -28,8 +28,10 @@ int sdrt__py_close(sdrt_context *ctx);
 
 struct sdrt_context {
     uint32_t magic;
-    pthread_mutex_t call_lock; /* serializes open/generate/close */
-    pthread_mutex_t text_lock; /* guards error */
+    pthread_mutex_t call_lock; /* serializes the Python calls (open/generate/close) */
+    pthread_mutex_t text_lock; /* guards error, users, closing */
+    pthread_cond_t idle;       /* signalled when users drops to 0 while closing */
+    int users, closing;        /* sdrt_generate calls inside (running or waiting); close has begun */
     uint32_t cancel_epoch;     /* __atomic; sdrt_cancel increments it */
     char error[ERROR_MAX];
 };
@@ -186,6 +188,7 @@ SDRT_API sdrt_status sdrt_context_open(const sdrt_context_params *p, sdrt_contex
     ctx->magic = CONTEXT_MAGIC;
     pthread_mutex_init(&ctx->call_lock, NULL);
     pthread_mutex_init(&ctx->text_lock, NULL);
+    pthread_cond_init(&ctx->idle, NULL);
     frame f;
     enter(ctx, &f);
     status = from_python(NULL, sdrt__py_open(ctx, &q));
@@ -194,6 +197,7 @@ SDRT_API sdrt_status sdrt_context_open(const sdrt_context_params *p, sdrt_contex
         ctx->magic = 0;
         pthread_mutex_destroy(&ctx->call_lock);
         pthread_mutex_destroy(&ctx->text_lock);
+        pthread_cond_destroy(&ctx->idle);
         free(ctx);
         return status;
     }
@@ -224,12 +228,23 @@ SDRT_API sdrt_status sdrt_generate(sdrt_context *ctx, const sdrt_generate_params
     frame f;
     if (enter(ctx, &f))
         return fail(ctx, SDRT_ERR_INPUT, "sdrt_generate called from a callback of the same context");
+    pthread_mutex_lock(&ctx->text_lock);
+    int closing = ctx->closing;
+    ctx->users += !closing;
+    pthread_mutex_unlock(&ctx->text_lock);
+    if (closing) {
+        leave(&f);
+        return fail(NULL, SDRT_ERR_CANCELLED, "sdrt_generate: the context is being closed");
+    }
     pthread_mutex_lock(&ctx->call_lock);
     if ((status = python_ready(ctx)) == SDRT_OK) {
         sdrt__set_error(ctx, "");
         status = from_python(ctx, sdrt__py_generate(ctx, &q, epoch, &images, &count, &seed));
     }
     pthread_mutex_unlock(&ctx->call_lock);
+    pthread_mutex_lock(&ctx->text_lock);
+    if (--ctx->users == 0 && ctx->closing) pthread_cond_broadcast(&ctx->idle);
+    pthread_mutex_unlock(&ctx->text_lock);
     leave(&f);
     if (status != SDRT_OK) {
         sdrt_images_free(images, count);
@@ -277,6 +292,11 @@ SDRT_API void sdrt_context_close(sdrt_context *ctx) {
         fail(NULL, SDRT_ERR_INPUT, "sdrt_context_close called from a callback of the same context; ignored");
         return;
     }
+    pthread_mutex_lock(&ctx->text_lock); /* cancel the generates inside, wait for them to return */
+    ctx->closing = 1;
+    sdrt_cancel(ctx);
+    while (ctx->users > 0) pthread_cond_wait(&ctx->idle, &ctx->text_lock);
+    pthread_mutex_unlock(&ctx->text_lock);
     pthread_mutex_lock(&ctx->call_lock);
     if (python_ready(NULL) == SDRT_OK) from_python(NULL, sdrt__py_close(ctx));
     ctx->magic = 0;
@@ -284,5 +304,6 @@ SDRT_API void sdrt_context_close(sdrt_context *ctx) {
     leave(&f);
     pthread_mutex_destroy(&ctx->call_lock);
     pthread_mutex_destroy(&ctx->text_lock);
+    pthread_cond_destroy(&ctx->idle);
     free(ctx);
 }

@@ -29,8 +29,9 @@
  * (a second sdrt_generate on the same context waits for the first); several contexts may run at once
  * (their ONNX Runtime work runs in parallel; the Python glue between steps takes the interpreter's
  * lock briefly).  sdrt_cancel and sdrt_last_error never wait.  Callbacks run on the calling thread,
- * inside sdrt_generate / sdrt_context_open; from a callback, calling sdrt_generate or
- * sdrt_context_close on the same context returns SDRT_ERR_INPUT (sdrt_cancel is fine).
+ * inside sdrt_generate / sdrt_context_open; from a callback, sdrt_generate on the same context returns
+ * SDRT_ERR_INPUT and sdrt_context_close on it is ignored (sdrt_cancel is fine).  sdrt_context_close
+ * from another thread cancels the generates in flight on that context and waits for them.
  *
  * Versioning: every params struct starts with struct_size, set by its *_params_init function.  A
  * caller compiled against an older, smaller struct keeps working: fields beyond its struct_size take
@@ -157,8 +158,9 @@ void sdrt_cancel(sdrt_context *ctx);
  * call succeeded; never NULL.  Valid until this thread's next call of a libsdrt function. */
 const char *sdrt_last_error(const sdrt_context *ctx);
 
-/* Close ctx and free it (NULL: no-op).  Waits for a running sdrt_generate on ctx to return; the caller
- * must not start new calls on ctx once this is called. */
+/* Close ctx and free it (NULL: no-op).  The sdrt_generate calls on ctx running or waiting at that moment
+ * are cancelled (SDRT_ERR_CANCELLED) and waited for; the caller must not start calls on ctx once
+ * sdrt_context_close has been called (ctx is freed when it returns). */
 void sdrt_context_close(sdrt_context *ctx);
 
 /* END CFFI DECLARATIONS */

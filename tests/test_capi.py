@@ -128,6 +128,22 @@ def test_cancel_from_callback_and_from_another_thread_and_reentry(capi, tiny_eng
     assert after["status"] == OK and after["steps"] == 2
 
 
+def test_close_from_another_thread_during_generate(capi, tiny_engine_dir, tmp_path):
+    """sdrt_context_close while a generate runs: it cancels that generate, waits for it, then frees; no crash,
+    no deadlock, and a new context works after it. (Whether the generate had finished first is timing.)"""
+    results, _, stderr = run(capi, tmp_path, [
+        cmd("open", 0, engine_dir=tiny_engine_dir, threads=1),
+        cmd("gen", 0, close_at=1, scheduler="Euler", **{**FAST, "steps": 30}),
+        cmd("open", 0, engine_dir=tiny_engine_dir, threads=1),
+        cmd("gen", 0, **FAST), cmd("close", 0)])
+    assert stderr == ""
+    closed = results[1]
+    assert closed["status"] in (OK, ERR_CANCELLED), closed
+    if closed["status"] == ERR_CANCELLED:
+        assert closed["steps"] < 30 and closed["images_null"] == 1
+    assert [r["status"] for r in results[2:]] == [OK, OK, OK]
+
+
 BAD_REQUESTS = [  # (gen options, status, needles): the CLI's refusals (tests/test_cli_errors.py) and C's own
     ({"width": 100}, ERR_INPUT, ["width 100", "multiple of 8"]),
     ({"height": 60}, ERR_INPUT, ["height 60", "multiple of 8"]),

@@ -7,6 +7,7 @@
  *   open SLOT [engine_dir= backend= threads= log=1 log_level= struct_size=v1|v1-1|big0|bigx|N]
  *   gen SLOT [mode= prompt=|prompt=NULL negative= scheduler= width= height= steps= batch= guidance=
  *             strength= seed= image=F.ppm mask=F.pgm out=PREFIX cancel_at=K thread_cancel_at=K reenter_at=K
+ *             close_at=K (another thread closes the context at step K)
  *             struct_size=... null=ctx|params|images_out|count_out|seed_out]
  *   parallel SLOT_A SLOT_B [gen options; outA= outB= seedA= seedB=]   (two threads, at once)
  *   cycles SLOT n=N [gen options]        (N generate/free cycles; RSS after N/10 and after N)
@@ -85,8 +86,14 @@ static void write_ppm(const char *path, const sdrt_image *image) {
 
 typedef struct {
     sdrt_context *ctx;
-    int steps, total, cancel_at, thread_cancel_at, reenter_at, reenter_status;
+    int steps, total, cancel_at, thread_cancel_at, reenter_at, reenter_status, close_at;
+    pthread_t closer;
 } progress_state;
+
+static void *close_thread(void *ctx) {
+    sdrt_context_close((sdrt_context *)ctx); /* cancels the running generate, waits for it, frees ctx */
+    return NULL;
+}
 
 static void *cancel_thread(void *ctx) {
     sdrt_cancel((sdrt_context *)ctx);
@@ -101,6 +108,7 @@ static int on_progress(int step, int total, void *user_data) {
         pthread_create(&t, NULL, cancel_thread, s->ctx);
         pthread_join(t, NULL);
     }
+    if (step == s->close_at) pthread_create(&s->closer, NULL, close_thread, s->ctx);
     if (step == s->reenter_at) { /* re-entering the same context from its callback: refused, no deadlock */
         sdrt_generate_params p;
         sdrt_image *images;
@@ -172,7 +180,7 @@ static void *run_gen(void *arg) {
     sdrt_generate_params_init(p);
     sdrt_image init = {0}, mask = {0};
     progress_state s = {ctx, 0, 0, atoi(opt(o, "cancel_at", "0")), atoi(opt(o, "thread_cancel_at", "0")),
-                        atoi(opt(o, "reenter_at", "0")), -1};
+                        atoi(opt(o, "reenter_at", "0")), -1, atoi(opt(o, "close_at", "0")), 0};
     p->mode = opt(o, "mode", "txt2img");
     p->prompt = opt(o, "prompt", "a photo of a cat");
     if (strcmp(p->prompt, "NULL") == 0) p->prompt = NULL;
@@ -203,7 +211,11 @@ static void *run_gen(void *arg) {
     job->status = sdrt_generate(strcmp(null, "ctx") ? ctx : NULL, strcmp(null, "params") ? p : NULL,
                                 strcmp(null, "images_out") ? &images : NULL, strcmp(null, "count_out") ? &count : NULL,
                                 strcmp(null, "seed_out") ? &seed : NULL);
-    const char *error = ctx && strcmp(null, "ctx") ? sdrt_last_error(ctx) : NULL;
+    const char *error = ctx && strcmp(null, "ctx") && !s.close_at ? sdrt_last_error(ctx) : NULL;
+    if (s.close_at && s.steps >= s.close_at) {
+        pthread_join(s.closer, NULL);
+        slots[job->slot] = NULL;
+    }
     int w = 0, h = 0, c = 0;
     if (job->status == SDRT_OK) {
         w = images[0].width, h = images[0].height, c = images[0].channels;
