@@ -8,7 +8,8 @@
  *                   (or: cc app.c $(PKG_CONFIG_PATH=build/capi pkg-config --cflags --libs sdrt))
  *
  * Python environment: the library starts the interpreter on the first call that needs it (not the
- * *_params_init functions, sdrt_abi_version, sdrt_version, sdrt_cancel), once per process, in the
+ * *_params_init functions, sdrt_abi_version, sdrt_version, sdrt_cancel, sdrt_last_error,
+ * sdrt_images_free, nor a call refused for a NULL or struct_size), once per process, in the
  * environment it was built against (that sys.prefix is baked in at build time): as if DIR/bin/pythonX.Y
  * ran, so the venv's pyvenv.cfg and site-packages apply; no environment variable is needed.
  * SDRT_PYTHONHOME=DIR overrides DIR: a virtual environment (a folder with pyvenv.cfg) or a Python
@@ -35,8 +36,8 @@
  *
  * Versioning: every params struct starts with struct_size, set by its *_params_init function.  A
  * caller compiled against an older, smaller struct keeps working: fields beyond its struct_size take
- * their defaults.  A struct_size below the first published layout (SDRT_*_PARAMS_SIZE_V1), or above
- * what this library knows with any unknown trailing byte nonzero, is SDRT_ERR_INPUT.
+ * their defaults.  A struct_size below the first published layout (SDRT_*_PARAMS_SIZE_V1), above 4096,
+ * or above what this library knows with any unknown trailing byte nonzero, is SDRT_ERR_INPUT.
  */
 #ifndef SDRT_H
 #define SDRT_H
@@ -56,6 +57,7 @@ extern "C" {
 #define SDRT_LOG_INFO 20
 #define SDRT_LOG_WARNING 30
 #define SDRT_LOG_ERROR 40
+#define SDRT_LOG_CRITICAL 50
 
 /* sdrt_generate_params.strength: the mode's default (img2img 0.75; inpaint 1.0, SDXL 0.9999). */
 #define SDRT_STRENGTH_DEFAULT (-1.0f)
