@@ -74,8 +74,10 @@ def link_flags(env: dict, out: Path) -> list[str]:
                      "use a Python built with --enable-shared")
         script.write_text("{\n  global: *;\n};\n")
         python = ["-Wl,--whole-archive", str(archive), "-Wl,--no-whole-archive"]
+    # an absolute SONAME: a program linked with a plain `-L OUTDIR -lsdrt` records this path and finds the
+    # library with no rpath or LD_LIBRARY_PATH (to move the library, rebuild it into its new folder)
     return python + syslibs + ["-ldl", "-lpthread", "-lm", f"-Wl,--version-script={script}",
-                               "-Wl,-soname,libsdrt.so", "-Wl,--no-undefined"]
+                               f"-Wl,-soname,{out / 'libsdrt.so'}", "-Wl,--no-undefined"]
 
 
 def build(out: Path, cc: str) -> Path:

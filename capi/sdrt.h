@@ -4,8 +4,10 @@
  * (cffi embedding mode): same semantics, defaults and pixels as the Python API for the same seed.
  *
  * Build and link:   make capi   ->  build/capi/libsdrt.so, build/capi/sdrt.pc
- *                   cc app.c -I capi -L build/capi -Wl,-rpath,$PWD/build/capi -lsdrt
+ *                   cc app.c -I capi -L build/capi -lsdrt
  *                   (or: cc app.c $(PKG_CONFIG_PATH=build/capi pkg-config --cflags --libs sdrt))
+ * The library's SONAME is its absolute path, so such a program finds it with no rpath or
+ * LD_LIBRARY_PATH; to move the library, rebuild it there (python capi/build.py OUTDIR).
  *
  * Python environment: the library starts the interpreter on the first call that needs it (not the
  * *_params_init functions, sdrt_abi_version, sdrt_version, sdrt_cancel, sdrt_last_error,

@@ -355,5 +355,8 @@ def test_example_and_pkg_config(capi, tiny_engine_dir, pipe, tmp_path):
     subprocess.run(["cc", "-std=c99", "-pedantic", "-Wall", "-Werror", str(source), "-o", str(program), *flags],
                    check=True)
     assert subprocess.run([str(program)], env={}).returncode == 0
+    plain = tmp_path / "plain"  # the command line exactly: no rpath, no LD_LIBRARY_PATH at run time
+    subprocess.run(["cc", str(source), f"-I{ROOT / 'capi'}", f"-L{capi}", "-lsdrt", "-o", str(plain)], check=True)
+    assert subprocess.run([str(plain)], env={}).returncode == 0
     if shutil.which("c++"):  # the header's extern "C" guards
         subprocess.run(["c++", "-x", "c++", "-fsyntax-only", "-Wall", "-Werror", str(source), *flags], check=True)
