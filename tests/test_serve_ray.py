@@ -370,3 +370,20 @@ def test_sigterm_stops_every_ray_process(server):
     code = server.stop()
     assert code == 0, server.output()
     assert server.alive() == [], server.output()
+
+
+def test_app_builder_checks_its_args(tiny_engine_dir):
+    """``serve run/deploy`` entry point: the same checks as the flags (no cluster needed to build)."""
+    from sdrt.errors import InputError
+    from sdrt.serve.ray_app import app_builder
+
+    with pytest.raises(InputError, match="engines"):
+        app_builder({})
+    with pytest.raises(InputError, match="loopback"):
+        app_builder({"engines": str(tiny_engine_dir), "host": "0.0.0.0"})
+    with pytest.raises(InputError, match="MIN:MAX"):
+        app_builder({"engines": str(tiny_engine_dir), "autoscale": "4"})
+    from ray.serve import Application
+
+    assert isinstance(app_builder({"engines": str(tiny_engine_dir), "host": "0.0.0.0", "api_auth": "u:p",
+                                   "autoscale": "1:3", "num_gpus": 0}), Application)
