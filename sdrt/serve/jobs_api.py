@@ -133,6 +133,8 @@ async def events(request: Request, job_id: str):
                     event = {"event": "done", "data": {**event["data"], "seeds": result.seeds,
                              "infotexts": result.infotexts, "width": result.width, "height": result.height,
                              "images": [f"/v1/jobs/{job.id}/images/{k}.png" for k in range(len(result.images))]}}
+                if event["event"] == "queued":
+                    position = event["data"].get("position")
                 yield _sse(sent, event)
                 sent += 1
             if current.state in TERMINAL:
