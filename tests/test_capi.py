@@ -265,11 +265,11 @@ def test_bad_artifact_open_and_save_errors(capi, tiny_engine_dir, inputs, tmp_pa
 def test_two_contexts_at_once_and_one_context_from_two_threads(capi, tiny_engine_dir, pipe, tmp_path):
     o = tmp_path
     results, _, stderr = run(capi, tmp_path, [
-        cmd("open", 0, engine_dir=tiny_engine_dir, threads=1),
-        cmd("open", 1, engine_dir=tiny_engine_dir, threads=1),
+        cmd("parallel_open", 0, 1, engine_dir=tiny_engine_dir, threads=1),  # the first calls: both start Python
         cmd("parallel", 0, 1, seedA=1, seedB=2, outA=o / "a", outB=o / "b", steps=4, width=64, height=64),
         cmd("parallel", 0, 0, seedA=3, seedB=4, outA=o / "c", outB=o / "d", steps=4, width=64, height=64)])
     assert stderr == ""
+    assert [(r["what"], r["status"], r["opened"]) for r in results[:2]] == [("open", OK, 1)] * 2
     for row in results[2:]:
         assert row["status"] == OK and row["steps"] == row["total"], row  # each context's own progress
     for name, seed in zip("abcd", (1, 2, 3, 4)):

@@ -10,6 +10,7 @@
  *             close_at=K (another thread closes the context at step K)
  *             struct_size=... null=ctx|params|images_out|count_out|seed_out]
  *   parallel SLOT_A SLOT_B [gen options; outA= outB= seedA= seedB=]   (two threads, at once)
+ *   parallel_open SLOT_A SLOT_B [open options]                        (two threads, at once)
  *   cycles SLOT n=N [gen options]        (N generate/free cycles; RSS after N/10 and after N)
  *   save [image=F.ppm|NULL path=|NULL parameters=]
  *   close SLOT
@@ -160,6 +161,25 @@ static void cmd_open(int slot, const opts *o) {
     char extra[64];
     snprintf(extra, sizeof extra, "\"opened\": %d", slots[slot] != NULL);
     result("open", status, sdrt_last_error(NULL), extra);
+}
+
+typedef struct {
+    int slot;
+    const opts *o;
+} open_job;
+
+static void *run_open(void *arg) {
+    open_job *job = arg;
+    cmd_open(job->slot, job->o);
+    return NULL;
+}
+
+/* Two threads open contexts at once: as the process's first calls, they race to start Python. */
+static void cmd_parallel_open(int a, int b, const opts *o) {
+    open_job jobs[2] = {{a, o}, {b, o}};
+    pthread_t threads[2];
+    for (int i = 0; i < 2; i++) pthread_create(&threads[i], NULL, run_open, &jobs[i]);
+    for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
 }
 
 typedef struct {
@@ -338,6 +358,7 @@ int main(int argc, char **argv) {
         if (strcmp(cmd, "open") == 0) cmd_open(slot, &o);
         else if (strcmp(cmd, "gen") == 0) cmd_gen(slot, &o);
         else if (strcmp(cmd, "parallel") == 0) cmd_parallel(slot, atoi(fields[2]), &o);
+        else if (strcmp(cmd, "parallel_open") == 0) cmd_parallel_open(slot, atoi(fields[2]), &o);
         else if (strcmp(cmd, "cycles") == 0) cmd_cycles(slot, &o);
         else if (strcmp(cmd, "save") == 0) cmd_save(&o);
         else if (strcmp(cmd, "close") == 0) { sdrt_context_close(slots[slot]); slots[slot] = NULL;
