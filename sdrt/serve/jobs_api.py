@@ -45,7 +45,7 @@ def build(body: JobIn, info: dict, options) -> GenRequest:
     if body.mode == "img2img" and strength is None:
         strength = 0.75
     req = GenRequest(mode=body.mode, prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
-                     guidance=body.guidance, seeds=seeds_for(body.seed, body.batch), width=body.width,
+                     guidance=float(body.guidance), seeds=seeds_for(body.seed, body.batch), width=body.width,
                      height=body.height, scheduler=body.scheduler, strength=strength, image_png=image_png,
                      mask_png=mask_png)
     return limits.check_request(req, info, options)

@@ -43,7 +43,7 @@ def build(body: OpenAIImagesIn, info: dict, options) -> GenRequest:
         width, height = int(match[1]), int(match[2])
     n = body.n or 1
     req = GenRequest(mode="txt2img", prompt=limits.check_text(body.prompt, "prompt", options.max_prompt_chars),
-                     negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.guidance,
+                     negative_prompt=body.negative_prompt, steps=body.steps, guidance=float(body.guidance),
                      seeds=seeds_for(body.seed, n), width=width, height=height, scheduler=body.scheduler,
                      strength=None, image_png=None, mask_png=None)
     return limits.check_request(req, info, options)
