@@ -183,3 +183,39 @@ def test_health_ready_metrics_and_page(client):
     assert page.status_code == 200 and "<form" in page.text and "http" not in page.text.replace("http-equiv", "")
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/static/../app.py").status_code == 404
+
+
+def test_skip_ends_the_current_image_run_only(client, server, slow):
+    """A1111 skip: the running image run stops (its image is what is denoised so far), the next run goes on."""
+    import threading
+
+    slow.delay = 0.05
+    out = {}
+    body = {"prompt": "skip me", "steps": 40, "seed": 5, "width": 64, "height": 64, "n_iter": 2, "sampler_name": "Euler"}
+    worker = threading.Thread(target=lambda: out.setdefault("r", client.post("/sdapi/v1/txt2img", json=body)))
+    worker.start()
+    wait_until(lambda: client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2, what="first run")
+    assert client.post("/sdapi/v1/skip").json() == {}
+    worker.join(120)
+    response = out["r"]
+    assert response.status_code == 200
+    info = json.loads(response.json()["info"])
+    assert info["all_seeds"] == [5, 6] and len(response.json()["images"]) == 2
+    job = next(j for j in server.state.queue.store.jobs() if j.request.prompt == "skip me")
+    steps = [e["data"]["step"] for e in job.events if e["event"] == "step"]
+    assert steps[-1] == 80 and len(steps) < 80  # the second run ran all 40 steps, the first did not
+
+
+def test_readyz_is_503_until_the_engines_are_loaded(tiny_engine_dir):
+    from sdrt.serve.executor import LocalExecutor
+
+    executor = LocalExecutor(str(tiny_engine_dir), threads=1)
+    srv = ThreadServer(executor)
+    try:
+        not_ready = httpx.get(f"{srv.url}/readyz", timeout=30)
+        assert not_ready.status_code == 503 and not_ready.json()["error"] == "Unavailable"
+        executor.warm_up()
+        assert httpx.get(f"{srv.url}/readyz", timeout=30).status_code == 200
+    finally:
+        srv.close()
+    assert srv.state.closed and not executor.ready()  # the lifespan's shutdown drained and closed it
