@@ -1,5 +1,6 @@
-"""Throughput at saturation of ``sdrt serve``: one process (one Pipeline, all threads) against
-``sdrt serve --ray --replicas 2`` (two Pipelines, threads split between them), same machine, same load.
+"""Throughput at saturation of ``sdrt serve``: one process (one Pipeline, all threads; and
+at one thread) against ``sdrt serve --ray --replicas 2`` (two Pipelines, threads split between them), same
+machine, same load.
 
     python benchmarks/serve_throughput.py --engines ENGINE_DIR [--clients 4 --requests 24 --steps 20 --size 128]
     python benchmarks/serve_throughput.py --sd15 ENGINE_DIR        # SD1.5-shaped artifact: 256x256, 20 steps
@@ -55,18 +56,34 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
+def model_label(engines: str) -> str:
+    try:
+        family = json.loads((Path(engines) / "manifest.json").read_text()).get("family")
+    except (OSError, ValueError):
+        family = None
+    return f"{Path(engines).name} ({family} family)" if family else Path(engines).name
+
+
 def load1() -> float:
     return os.getloadavg()[0]
 
 
+def modes(threads: int) -> dict:
+    """mode -> (Ray replicas or 0 for one process, ONNX Runtime threads per Pipeline, label). The one-thread
+    single process separates what the thread count does from what the second Pipeline does."""
+    half = max(1, threads // 2)
+    return {"local": (0, threads, f"one process, {threads} threads"),
+            "local-1": (0, 1, "one process, 1 thread"),
+            "ray": (2, half, f"Ray, 2 replicas × {half} thread{'s' if half > 1 else ''}")}
+
+
 def start(mode: str, engines: str, threads: int, log_path: Path):
     port = free_port()
+    replicas, per_pipeline, _ = modes(threads)[mode]
     cmd = [sys.executable, "-m", "sdrt.cli", "serve", "--engines", engines, "--host", "127.0.0.1", "--port",
-           str(port), "--max-queue", "1000", "--max-steps", "1000"]
-    if mode == "local":
-        cmd += ["--threads", str(threads)]
-    else:
-        cmd += ["--ray", "--replicas", "2", "--threads", str(max(1, threads // 2))]
+           str(port), "--max-queue", "1000", "--max-steps", "1000", "--threads", str(per_pipeline)]
+    if replicas:
+        cmd += ["--ray", "--replicas", str(replicas)]
     log = open(log_path, "w")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -140,12 +157,11 @@ def measure(mode: str, args, log_dir: Path) -> dict:
 
 def render(rep: dict) -> str:
     m, c = rep["machine"], rep["config"]
-    local, ray = rep["modes"]["local"], rep["modes"]["ray"]
+    local, ray, one = rep["modes"]["local"], rep["modes"]["ray"], rep["modes"].get("local-1")
     rows = ["| mode | images | images/s | p50 latency | p99 latency | replicas (requests each) | load1 before/after |",
             "|---|---|---|---|---|---|---|"]
-    names = {"local": f"one process, {c['threads']} threads", "ray": f"Ray, 2 replicas × {max(1, c['threads'] // 2)} thread"}
     for key, r in rep["modes"].items():
-        rows.append(f"| {names[key]} | {r['images']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} s | "
+        rows.append(f"| {modes(c['threads'])[key][2]} | {r['images']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} s | "
                     f"{r['p99_s']:.2f} s | {r['replicas']} ({', '.join(map(str, r['per_replica']))}) | "
                     f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     return "\n".join([
@@ -157,7 +173,9 @@ def render(rep: dict) -> str:
         f"{c['clients']} clients back to back, {c['requests']} requests per mode after {c['warmup']} warm-up",
         f"- {c['note']}", "", *rows, "",
         f"Ray / one process: {ray['images_per_s'] / local['images_per_s']:.2f}× images/s, "
-        f"p50 {ray['p50_s'] / local['p50_s']:.2f}×.", END])
+        f"p50 {ray['p50_s'] / local['p50_s']:.2f}×"
+        + (f"; Ray / one process at 1 thread: {ray['images_per_s'] / one['images_per_s']:.2f}× images/s."
+           if one else "."), END])
 
 
 def write_section(path: Path, section: str) -> None:
@@ -192,10 +210,10 @@ def main() -> None:
         parser.error("give --engines ENGINE_DIR or --sd15 ENGINE_DIR")
     log_dir = Path(tempfile.mkdtemp(prefix="serve_throughput-"))
     rep = {"machine": machine(), "modes": {},
-           "config": {"model": Path(args.engines).name, "size": args.size, "steps": args.steps,
+           "config": {"model": model_label(args.engines), "size": args.size, "steps": args.steps,
                       "clients": args.clients, "requests": args.requests, "warmup": args.warmup,
                       "threads": args.threads, "note": args.note}}
-    for mode in ("local", "ray"):
+    for mode in ("local", "local-1", "ray"):
         rep["modes"][mode] = measure(mode, args, log_dir)
         print(json.dumps(rep["modes"][mode]), flush=True)
     Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
