@@ -387,3 +387,22 @@ def test_app_builder_checks_its_args(tiny_engine_dir):
 
     assert isinstance(app_builder({"engines": str(tiny_engine_dir), "host": "0.0.0.0", "api_auth": "u:p",
                                    "autoscale": "1:3", "num_gpus": 0}), Application)
+
+
+def test_ray_flags_reach_the_deployment_settings():
+    """``sdrt serve``'s Ray flags -> RaySettings: replicas or autoscaling, resources, in-flight slots."""
+    from sdrt.cli import build_parser
+    from sdrt.errors import InputError
+    from sdrt.serve.ray_app import settings_from_args
+
+    def settings(*flags):
+        return settings_from_args(build_parser().parse_args(["serve", "--engines", "e", "--ray", *flags]))
+
+    fixed = settings("--replicas", "3", "--ray-num-cpus", "2", "--ray-max-ongoing", "2")
+    assert (fixed.replicas, fixed.num_cpus, fixed.replica_threads, fixed.concurrency) == (3, 2.0, 2, 6)
+    scaled = settings("--ray-autoscale", "1:4", "--ray-num-gpus", "1", "--threads", "3")
+    assert (scaled.autoscale, scaled.num_gpus, scaled.replica_threads, scaled.concurrency) == ((1, 4), 1.0, 3, 4)
+    for bad in (["--ray-autoscale", "3:1"], ["--ray-autoscale", "x"], ["--ray-max-ongoing", "0"],
+                ["--ray-num-gpus", "-1"]):
+        with pytest.raises(InputError):
+            settings(*bad)

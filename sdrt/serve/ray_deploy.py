@@ -18,6 +18,7 @@ Layout (as Ray Serve's Stable Diffusion example, ``APIIngress`` in front of a mo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -241,7 +242,8 @@ class SdrtIngress:
         info = await model.info.remote()
         board = ray.remote(ControlBoard).options(num_cpus=0).remote()
         self.executor = RayExecutor(model, info["manifest_info"], concurrency, board)
-        self.options = options
+        # responses not made by a model replica (e.g. 202 on job submit) name the ingress's Ray replica id
+        self.options = dataclasses.replace(options, replica=replica_id()) if options is not None else None
         log.info("ingress %s: model %s, %d concurrent generations", replica_id(), info["manifest_info"].get("name"),
                  concurrency)
 
