@@ -245,6 +245,30 @@ def test_jobs_api_over_ray(server, pipe):
     assert "step" in events and "done" in events
 
 
+def test_openai_and_img2img_with_mask_over_ray(server):
+    response = requests.post(server.url + "/v1/images/generations", timeout=REQUEST_S,
+                             json={"prompt": "a red apple", "n": 1, "size": "64x64", "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Sdrt-Replica"].startswith("sdrt#SdrtModel#")
+    assert _pixels(base64.b64decode(response.json()["data"][0]["b64_json"])).shape == (64, 64, 3)
+
+    def b64png(image) -> str:
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return base64.b64encode(out.getvalue()).decode()
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = {"prompt": "a red apple", "init_images": [b64png(Image.new("RGB", (64, 64), (40, 90, 200)))],
+            "mask": b64png(mask), "denoising_strength": 0.8, "steps": 4, "seed": 3, "width": 64, "height": 64,
+            "sampler_name": "Euler a"}
+    response = requests.post(server.url + "/sdapi/v1/img2img", json=body, timeout=REQUEST_S)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Sdrt-Replica"].startswith("sdrt#SdrtModel#")
+    out = _pixels(base64.b64decode(response.json()["images"][0]))
+    assert (out[:8, :8] == (40, 90, 200)).all()  # outside the (blurred) mask: the input's own pixels
+
+
 def test_requests_spread_over_two_replicas(server):
     replicas, errors = set(), []
 
@@ -299,8 +323,8 @@ def test_live_events_through_the_proxy_and_cancel(server):
     assert _wait_job(server, job_id, lambda j: j["state"] in FINISHED)["step"] < LONG
 
 
-@pytest.mark.xfail(strict=True, reason="sdrt/serve/sync.py does not cancel the job when Ray's proxy cancels the "
-                   "request task on a client disconnect (asyncio.CancelledError); see /work/coord notes")
+@pytest.mark.xfail(strict=True, reason="sdrt/serve/sync.py cancels a job on request.is_disconnected() only; Ray's "
+                   "proxy cancels the request task instead (asyncio.CancelledError), so the job runs on")
 def test_client_disconnect_cancels_on_the_replica(server):
     body = json.dumps({"prompt": "a red apple", "steps": LONG, "seed": 4, "width": 128, "height": 128}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
