@@ -191,7 +191,8 @@ def test_skip_ends_the_current_image_run_only(client, server, slow):
 
     slow.delay = 0.05
     out = {}
-    body = {"prompt": "skip me", "steps": 40, "seed": 5, "width": 64, "height": 64, "n_iter": 2, "sampler_name": "Euler"}
+    body = {"prompt": "skip me", "steps": 40, "seed": 5, "width": 64, "height": 64, "n_iter": 2,
+            "sampler_name": "Euler"}
     worker = threading.Thread(target=lambda: out.setdefault("r", client.post("/sdapi/v1/txt2img", json=body)))
     worker.start()
     wait_until(lambda: client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2, what="first run")

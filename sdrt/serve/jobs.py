@@ -243,7 +243,8 @@ class JobQueue:
         except Exception as exc:  # a bug or a backend failure: logged with its traceback, reported without
             log.exception("job %s failed", job_id)
             self._finish(job_id, FAILED, error={"error": "InternalError", "status": 500,
-                                                "detail": f"generation failed ({type(exc).__name__}); see the server log"})
+                                                "detail": f"generation failed ({type(exc).__name__}); "
+                                                          "see the server log"})
         else:
             self._finish(job_id, SUCCEEDED, result=result)
             if self.metrics is not None:

@@ -77,7 +77,8 @@ async def submit(request: Request):
     body = parse(JobIn, await sync.read_json(request))
     job = sync.submit(request, state, build(body, state.info, state.options), "jobs")
     return JSONResponse({"id": job.id, "status_url": f"/v1/jobs/{job.id}", "events_url": f"/v1/jobs/{job.id}/events",
-                         "state": job.state, "position": state.queue.position(job.id), "seeds": list(job.request.seeds)},
+                         "state": job.state, "position": state.queue.position(job.id),
+                         "seeds": list(job.request.seeds)},
                         status_code=202, headers={"X-Sdrt-Replica": state.replica_for()})
 
 
