@@ -138,6 +138,13 @@ TINY_SDXL_UNET = {**TINY_SD2_UNET, "down_block_types": ["DownBlock2D", "CrossAtt
 TINY_SDXL_VAE = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
 _TINY_SD2 = dict(unet=TINY_SD2_UNET, vae=TINY_VAE, text={**SD2_TEXT, **TINY_TEXT}, tokenizer=OPENCLIP_TOKENIZER_CONFIG)
 
+# madebyollin/taesd's and madebyollin/taesdxl's config.json (diffusers AutoencoderTiny; both the same shape,
+# SD1.x/2.x resp. SDXL latents): used as a pipeline's tiny VAE (``sdrt export --tiny-vae``), not a pipeline.
+TAESD = {"in_channels": 3, "out_channels": 3, "encoder_block_out_channels": [64, 64, 64, 64],
+         "decoder_block_out_channels": [64, 64, 64, 64], "act_fn": "relu", "latent_channels": 4,
+         "upsampling_scaling_factor": 2, "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1],
+         "latent_magnitude": 3, "latent_shift": 0.5, "force_upcast": False, "scaling_factor": 1.0}
+
 ARCHS: dict[str, dict] = {
     "sd15": _sd(SD15_UNET, SD15_VAE, SD15_TEXT),
     "tiny": _sd(TINY_UNET, TINY_VAE, {**SD15_TEXT, **TINY_TEXT}),
@@ -160,4 +167,6 @@ ARCHS: dict[str, dict] = {
     # diffusers/stable-diffusion-xl-1.0-inpainting-0.1's layout: 9-channel UNet, StableDiffusionXLInpaintPipeline
     "tiny-sdxl-inpaint": _sdxl({**TINY_SDXL_UNET, "in_channels": 9}, TINY_SDXL_VAE, {**SD15_TEXT, **TINY_TEXT},
                                {**SDXL_TEXT_2, **TINY_TEXT}, pipeline="StableDiffusionXLInpaintPipeline"),
+    "taesd": {"autoencoder_tiny": TAESD},
+    "taesdxl": {"autoencoder_tiny": TAESD},
 }

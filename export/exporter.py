@@ -17,6 +17,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, 
 from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manifest, sha256_file, write_json_atomic
 from sdrt.progress import progress_bar
 from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build_specs
-from sdrt_export import fp16, graph
+from sdrt_export import fp16, graph, tiny_vae
 from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
 from sdrt_export.wrappers import SDXL_PIPELINES, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
     unet_up_factor
@@ -101,12 +103,13 @@ def torch_export(module: torch.nn.Module, spec: ComponentSpec, arrays, path: Pat
 
 
 def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: SizeRange, opset: int,
-                     precision: str = "fp32") -> dict:
+                     precision: str = "fp32", load=None) -> dict:
+    """``load(name)``: the torch wrapper, for a component not in the pipeline folder (the tiny VAE)."""
     start = time.perf_counter()
     extra = {}
     rng = np.random.default_rng(0)
     up = unet_up_factor(model_dir)
-    module = load_component(model_dir, spec.name)
+    module = load(spec.name) if load else load_component(model_dir, spec.name)
     cases = [random_inputs(spec, *point, rng) for point in check_points(sizes, spec)]
     references = [run_torch(module, arrays) for arrays in cases]  # kept so torch can be freed first
     raw_dir = work / f".raw-{spec.name}"
@@ -211,9 +214,9 @@ def move_into_place(work: Path, out: Path) -> None:
 
 
 def export_model(model, out, sizes: SizeRange | None = None, opset: int | None = None, force: bool = False,
-                 progress: bool = True, precision: str = "fp32") -> dict:
+                 progress: bool = True, precision: str = "fp32", tiny_vae_dir=None) -> dict:
     """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
-    with fp32 islands); return a JSON-able summary."""
+    with fp32 islands), with the AutoencoderTiny in ``tiny_vae_dir`` too if given; return a JSON-able summary."""
     start = time.perf_counter()
     sizes = sizes or SizeRange()
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -223,6 +226,10 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         raise InputError(f"precision {precision!r} is not supported; use {' or '.join(fp16.PRECISIONS)}")
     model_dir = validate_model_dir(model)
     dims = dims_from_model(model_dir)
+    tiny = None
+    if tiny_vae_dir is not None:  # TAESD's decoder and encoder become two more components
+        tiny = tiny_vae.validate_tiny_vae_dir(tiny_vae_dir, dims)
+        dims = replace(dims, tiny_vae_latent_channels=dims.latent_channels)
     # everything the manifest needs from the model folder is read now, not after minutes of export
     scheduler = read_json(model_dir / "scheduler" / "scheduler_config.json")
     vae_config = read_json(model_dir / "vae" / "config.json")
@@ -247,8 +254,10 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         with progress_bar(list(specs), desc="export", unit="component", enabled=progress) as bar:
             for spec in bar:
                 bar.set_postfix_str(spec.name)
+                load = partial(tiny_vae.load_tiny_component, tiny[0]) \
+                    if spec.name in tiny_vae.TINY_VAE_COMPONENTS else None
                 result = export_component(model_dir, spec, work, sizes, opset,
-                                          component_precision(spec.name, precision, force_upcast))
+                                          component_precision(spec.name, precision, force_upcast), load)
                 components[spec.name] = result
                 timings[spec.name] = result["seconds"]
         tokenizer_files = copy_tokenizer(model_dir, work)
@@ -256,6 +265,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
             if dims.has_text_encoder_2 else {}
         hashed = time.perf_counter()
         source_sha = hash_folder(model_dir)
+        tiny_section = {"tiny_vae": tiny_vae.manifest_section(*tiny, hash_folder(tiny[0]))} if tiny else {}
         timings["source_hash"] = round(time.perf_counter() - hashed, 2)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -290,6 +300,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
             "vae": {"scaling_factor": float(vae_config.get("scaling_factor") or 0.18215),
                     "shift_factor": vae_config.get("shift_factor"),
                     "force_upcast": force_upcast},
+            **tiny_section,
             "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
         }
         write_json_atomic(work / MANIFEST_NAME, manifest)

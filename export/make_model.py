@@ -25,7 +25,8 @@ TOKENIZER_DATA = Path(__file__).parent / "data" / "clip_tokenizer"
 
 
 def make_model(out_dir, arch: str = "tiny", seed: int = 0, force: bool = False) -> Path:
-    """Write a random-weight diffusers SD pipeline folder for ``arch`` to ``out_dir``; return it."""
+    """Write a random-weight diffusers SD pipeline folder for ``arch`` to ``out_dir`` (for ``taesd`` /
+    ``taesdxl`` an ``AutoencoderTiny`` folder); return it."""
     if arch not in ARCHS:
         raise InputError(f"unknown arch {arch!r} (known: {', '.join(sorted(ARCHS))})")
     out = Path(out_dir)
@@ -36,7 +37,12 @@ def make_model(out_dir, arch: str = "tiny", seed: int = 0, force: bool = False) 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        _write_pipeline(tmp, ARCHS[arch], seed)
+        if "autoencoder_tiny" in ARCHS[arch]:  # taesd, taesdxl: an AutoencoderTiny folder, not a pipeline
+            from sdrt_export.tiny_vae import write_tiny_autoencoder
+
+            write_tiny_autoencoder(tmp, ARCHS[arch]["autoencoder_tiny"], seed, _save_weights)
+        else:
+            _write_pipeline(tmp, ARCHS[arch], seed)
         _set_modes(tmp)
         _replace(tmp, out)
     except OSError as exc:

@@ -48,7 +48,7 @@ def cmd_make_model(args) -> dict:
 def cmd_export(args) -> dict:
     return _export_module("exporter").export_model(
         args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json,
-        precision=args.precision,
+        precision=args.precision, tiny_vae_dir=args.tiny_vae,
     )
 
 
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
     p.add_argument("--arch", default="tiny",
                    help="tiny (fast tests), tiny-inpaint, tiny-sd2, tiny-sd2-base, tiny-sd-turbo, tiny-lcm, tiny-sdxl, "
-                        "tiny-sdxl-turbo, tiny-sdxl-inpaint; sd15, sd2, sdxl (real shapes, random weights)")
+                        "tiny-sdxl-turbo, tiny-sdxl-inpaint; sd15, sd2, sdxl (real shapes, random weights); taesd, "
+                        "taesdxl (a tiny VAE, AutoencoderTiny, for `sdrt export --tiny-vae`)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     p.set_defaults(func=cmd_make_model)
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 17)")
     g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16: mixed precision with fp32 islands (see export/fp16.py); I/O stays float32")
+    g.add_argument("--tiny-vae", metavar="TAESD_DIR", default=None,
+                   help="also export this AutoencoderTiny (TAESD) folder's decoder and encoder, for --vae tiny")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines (or ORT-optimized graphs) into an ENGINE_DIR",
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group("runtime")
         _add_backend(g)
         g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+        g.add_argument("--vae", choices=("full", "tiny"), default="full",
+                       help="tiny: the TAESD that `sdrt export --tiny-vae` added (fast previews, few-step models)")
         p.set_defaults(func=cmd_generate, mode=mode)
 
     p = sub.add_parser("verify", help="compare sdrt with the diffusers pipeline (needs torch)",

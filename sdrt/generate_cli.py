@@ -49,7 +49,7 @@ def run(args) -> dict:
         result = getattr(pipe, args.mode)(
             prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
             seed=args.seed, width=args.width, height=args.height, scheduler=args.scheduler, batch=args.batch,
-            callback=on_step, **extra)
+            callback=on_step, vae=getattr(args, "vae", "full"), **extra)
     p = result.parameters
     sampler = args.scheduler or p["scheduler"]
     text = a1111_parameters(p["prompt"], p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],

@@ -29,13 +29,14 @@ from sdrt.images import check_same_size, load_image, preprocess_image, preproces
 from sdrt.manifest import load_manifest
 from sdrt.rng import GeneratorList, TorchGenerator, random_seed
 from sdrt.schedulers.common import astype
-from sdrt.specs import UNET, VAE_DECODER, VAE_ENCODER, ModelDims
+from sdrt.specs import TINY_VAE_DECODER, TINY_VAE_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelDims
 from sdrt.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
 # callback(step_index, total_steps, timestep, latents) -> False to cancel
 StepCallback = Callable[[int, int, float, np.ndarray], "bool | None"]
+VAES = ("full", "tiny")  # tiny: the TAESD (AutoencoderTiny) that `sdrt export --tiny-vae` added
 
 
 @dataclass
@@ -136,8 +137,9 @@ class Pipeline:
 
     def _generate(self, mode, prompt, *, negative_prompt="", steps=30, guidance=7.5, seed=None, width=None,
                   height=None, scheduler=None, batch=1, callback: StepCallback | None = None, image=None,
-                  mask=None, strength=1.0) -> Result:
+                  mask=None, strength=1.0, vae="full") -> Result:
         timings, m = Timings(), self.manifest
+        vae_parts = self._vae_choice(vae)
         guidance = check_guidance(guidance)
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
@@ -176,19 +178,35 @@ class Pipeline:
             latents, extra = generator.randn(shape) * np.float32(sched.init_noise_sigma), {}
         else:
             latents, extra = self._prepare_image_latents(
-                mode, image, mask, width, height, shape, strength, timesteps[0], sched, generator, cfg, timings)
+                mode, image, mask, width, height, shape, strength, timesteps[0], sched, generator, cfg, timings,
+                vae_parts)
 
         latents = self._denoise(mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator,
                                 callback, timings)
+        decoder, _, scaling = vae_parts
         with timings("vae_decode"):
-            decoded = self.engine(VAE_DECODER)({"latent": latents / float(np.float32(m.vae_scaling_factor))})
-        unit = to_unit(check_finite(to_host(decoded["images"]), "decoded image (VAE decoder)"))
+            decoded = self.engine(decoder)({"latent": latents / float(np.float32(scaling))})
+        unit = to_unit(check_finite(to_host(decoded["images"]), f"decoded image ({decoder})"))
         unet_total = sum(timings.samples.get("unet", []))
         timings.samples["loop_overhead"] = [sum(timings.samples.pop("step", [])) - unet_total]
         params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
-                  "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength}
+                  "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength, "vae": vae}
         return Result(to_uint8(unit), unit, seeds[0], timings.summary(), params, seeds)
+
+    def _vae_choice(self, vae) -> tuple[str, str, float]:
+        """(decoder, encoder, scaling factor) for ``vae``: the full AutoencoderKL or the tiny AutoencoderTiny,
+        which diffusers' pipelines use the same way (``decode(latents / scaling_factor)``; 1.0 for TAESD)."""
+        if vae not in VAES:
+            raise InputError(f"vae must be one of {', '.join(VAES)}, got {vae!r}")
+        if vae == "full":
+            return VAE_DECODER, VAE_ENCODER, self.manifest.vae_scaling_factor
+        section = self.manifest.data.get("tiny_vae")
+        if not (self.manifest.has(TINY_VAE_DECODER) and self.manifest.has(TINY_VAE_ENCODER)
+                and isinstance(section, dict)):
+            raise InputError(f"{self.manifest.root} has no tiny VAE; add one with `sdrt export --model MODEL_DIR "
+                             f"--out {self.manifest.root} --force --tiny-vae TAESD_DIR`")
+        return TINY_VAE_DECODER, TINY_VAE_ENCODER, float(section.get("scaling_factor") or 1.0)
 
     def _denoise(self, mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator, callback,
                  timings):
@@ -243,9 +261,16 @@ class Pipeline:
             check_same_size(image, mask)
         return image, mask
 
-    def _encode_image(self, pixels, generator, timings, batch: int = 1) -> np.ndarray:
+    def _encode_image(self, pixels, generator, timings, batch: int = 1, vae=None) -> np.ndarray:
         """VAE encode and sample the posterior with the runtime's RNG (diffusers' latent_dist.sample), as
-        ``batch`` rows: one draw repeated, or with per-image seeds one draw per image from its generator."""
+        ``batch`` rows: one draw repeated, or with per-image seeds one draw per image from its generator.
+        The tiny VAE's encoder gives latents, no distribution: diffusers' ``retrieve_latents`` draws nothing."""
+        _, encoder, scaling = vae or self._vae_choice("full")
+        if encoder == TINY_VAE_ENCODER:
+            with timings("vae_encode"):
+                latents = self.engine(encoder)({"images": pixels})["latents"]
+            check_finite(latents, f"image latents ({encoder})")
+            return np.repeat(np.float32(scaling) * latents, batch // len(latents), axis=0)
         with timings("vae_encode"):
             moments = self.engine(VAE_ENCODER)({"images": pixels})
         mean, logvar = moments["mean"], moments["logvar"]
@@ -255,25 +280,25 @@ class Pipeline:
         return np.repeat(np.float32(self.manifest.vae_scaling_factor) * latents, batch // len(latents), axis=0)
 
     def _prepare_image_latents(self, mode, image, mask, width, height, shape, strength, t0, sched, generator,
-                               cfg, timings):
+                               cfg, timings, vae=None):
         """Initial latents for img2img/inpaint, drawing noise in diffusers' order."""
         batch = shape[0]
         pixels = preprocess_image(image, width, height)
         if mode == "img2img":
-            image_latents = self._encode_image(pixels, generator, timings, batch)
+            image_latents = self._encode_image(pixels, generator, timings, batch, vae)
             noise = generator.randn(shape)
             return sched.add_noise(image_latents, noise, t0).astype(np.float32), {}
         full_strength = strength == 1.0
         image_latents = None
         if self.dims.unet_in_channels == 4 or not full_strength:
-            image_latents = self._encode_image(pixels, generator, timings, batch)
+            image_latents = self._encode_image(pixels, generator, timings, batch, vae)
         noise = generator.randn(shape)
         if full_strength:
             latents = noise * np.float32(sched.init_noise_sigma)
         else:
             latents = sched.add_noise(image_latents, noise, t0).astype(np.float32)
         mask_pixels = preprocess_mask(mask, width, height)
-        masked = self._encode_image(pixels * (mask_pixels < 0.5), generator, timings, batch)
+        masked = self._encode_image(pixels * (mask_pixels < 0.5), generator, timings, batch, vae)
         scale = self.dims.vae_scale_factor
         mask_latent = np.repeat(mask_pixels[:, :, ::scale, ::scale], batch, axis=0)
         doubled = 2 if cfg else 1

@@ -22,8 +22,10 @@ DYNAMIC_AXES = (BATCH, HEIGHT, WIDTH, LATENT_HEIGHT, LATENT_WIDTH)
 
 TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER = "text_encoder", "unet", "vae_decoder", "vae_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
+# TAESD (diffusers' AutoencoderTiny), exported beside the full VAE by ``sdrt export --tiny-vae``
+TINY_VAE_DECODER, TINY_VAE_ENCODER = "tiny_vae_decoder", "tiny_vae_encoder"
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)  # every model has these
-OPTIONAL_COMPONENTS = (TEXT_ENCODER_2,)  # SDXL's second text encoder
+OPTIONAL_COMPONENTS = (TEXT_ENCODER_2, TINY_VAE_DECODER, TINY_VAE_ENCODER)  # SDXL's second text encoder; TAESD
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ModelDims:
     text_2_hidden_size: int | None = None  # SDXL: width of text_encoder_2 (CLIPTextModelWithProjection)
     text_embeds_dim: int | None = None  # SDXL: its pooled, projected output (UNet text_embeds)
     time_ids_dim: int | None = None  # SDXL: micro-conditioning numbers (UNet time_ids): 6
+    tiny_vae_latent_channels: int | None = None  # set when the artifact holds a tiny VAE (TAESD)
 
     @property
     def has_text_encoder_2(self) -> bool:
@@ -233,4 +236,18 @@ def build_specs(dims: ModelDims) -> ModelSpecs:
         ),
         scale=s,
     )
-    return ModelSpecs(dims, {c.name: c for c in (*_text_encoders(dims, s), unet, decoder, encoder)})
+    return ModelSpecs(dims, {c.name: c for c in (*_text_encoders(dims, s), unet, decoder, encoder,
+                                                 *_tiny_vae(dims, s))})
+
+
+def _tiny_vae(dims: ModelDims, s: int) -> list[ComponentSpec]:
+    """diffusers' AutoencoderTiny (TAESD): ``decode(latent)`` -> images in [-1, 1]; ``encode(images).latents``
+    (deterministic: no posterior to sample, as diffusers' ``retrieve_latents`` takes ``.latents``)."""
+    if not dims.tiny_vae_latent_channels:
+        return []
+    latent = (BATCH, dims.tiny_vae_latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    images = (BATCH, dims.image_channels, HEIGHT, WIDTH)
+    return [ComponentSpec(TINY_VAE_DECODER, (TensorSpec("latent", "float32", latent),),
+                          (TensorSpec("images", "float32", images),), scale=s),
+            ComponentSpec(TINY_VAE_ENCODER, (TensorSpec("images", "float32", images),),
+                          (TensorSpec("latents", "float32", latent),), scale=s)]
