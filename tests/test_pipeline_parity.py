@@ -6,6 +6,8 @@ non-square sizes, batch 1 and 2, with and without a negative prompt; img2img and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -132,3 +134,73 @@ def test_inpaint_nine_channel_unet(inpaint_model, scheduler, strength):
     compare(sd_pipe, load_reference(model, "inpaint"), "inpaint", scheduler, steps=4, width=width, height=height,
             batch=2 if strength == 1.0 else 1, image=test_image(width, height, 9), mask=test_mask(width, height),
             strength=strength, negative_prompt="", seed=11)
+
+
+# ---------------------------------------------------------------- `make demo`'s path: ort-cpu optimized graphs
+
+DEMO_PROMPT = "a photo of a cat"  # the Makefile's demo request: 20 steps, seed 42, 256x256, the model's scheduler
+
+
+@pytest.fixture(scope="module")
+def demo_engines(tiny_model_dir, tiny_engine_dir, tmp_path_factory):
+    """`make demo`'s artifact: the export, then `sdrt build-engines --backend ort-cpu` (the CLI)."""
+    import shutil
+
+    from sdrt.cli import main
+
+    out = shutil.copytree(tiny_engine_dir, tmp_path_factory.mktemp("demo") / "tiny")
+    assert main(["build-engines", "--model", str(tiny_model_dir), "--out", str(out), "--backend", "ort-cpu",
+                 "--json"]) == 0
+    return out
+
+
+@pytest.fixture
+def opened_graphs(monkeypatch):
+    """The ONNX files the ORT engines are opened on, in order."""
+    from sdrt.backends import ort as ort_backend
+
+    paths, real = [], ort_backend.OrtEngine
+
+    class Spy(real):
+        def __init__(self, path, *args, **kwargs):
+            paths.append(Path(path).resolve())
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort_backend, "OrtEngine", Spy)
+    return paths
+
+
+@pytest.mark.parametrize("scheduler, case", [
+    (None, dict(width=256, height=256, steps=20, seed=42)),  # the demo's request
+    ("DPM++ 2M Karras", dict(width=96, height=64, batch=2, steps=6, seed=9, negative_prompt="blurry")),
+], ids=["demo", "karras-b2"])
+def test_demo_path_image_matches_diffusers(demo_engines, references, tiny_model_dir, opened_graphs, scheduler, case):
+    """The optimized graphs (fused MultiHeadAttention) give diffusers' image, not just per-component parity."""
+    from sdrt.manifest import load_manifest
+
+    manifest = load_manifest(demo_engines)
+    optimized = {name: manifest.verified_engine("ort-cpu", name)[0].resolve() for name in manifest.specs.components}
+    references["txt2img"].scheduler = load_reference(tiny_model_dir).scheduler  # the model's own PNDM
+    sd_pipe = Pipeline(demo_engines, backend="ort-cpu", threads=2)
+    compare(sd_pipe, references["txt2img"], "txt2img", scheduler, **case)
+    assert set(opened_graphs) == {optimized["text_encoder"], optimized["unet"], optimized["vae_decoder"]}
+    assert optimized["unet"] != manifest.verified_path("unet").resolve()  # not the exported ONNX
+
+
+def test_demo_cli_with_backend_equals_the_python_api(demo_engines, tmp_path, capsys, opened_graphs):
+    """`sdrt txt2img ... --backend ort-cpu` (the demo's command) writes the Python API's image."""
+    import json
+
+    from sdrt.cli import main
+
+    out = tmp_path / "out" / "cat.png"
+    code = main(["txt2img", "--engines", str(demo_engines), "--backend", "ort-cpu", "--prompt", DEMO_PROMPT,
+                 "--steps", "20", "--seed", "42", "--width", "256", "--height", "256", "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    cli_graphs = list(opened_graphs)
+    api = Pipeline(demo_engines, backend="ort-cpu").txt2img(DEMO_PROMPT, steps=20, seed=42, width=256, height=256)
+    assert cli_graphs == opened_graphs[len(cli_graphs):]  # both ran the same (optimized) graphs
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert png.shape == (256, 256, 3) and np.array_equal(png, api.images[0])
+    assert float(api.unit_images.std()) > 1e-3
