@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -36,9 +37,15 @@ CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """Below Linux's ephemeral range, which Ray's processes draw from while it starts."""
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("no free port in 20000-32000")
 
 
 def machine() -> dict:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,9 +19,17 @@ MODEL_REPLICA = "ray::ServeReplica:sdrt:SdrtModel"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below Linux's ephemeral range, which Ray's own processes draw from while it starts
+    (a port taken from there can be gone by the time Ray's proxy binds it)."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def processes() -> dict[int, tuple[int, str]]:
@@ -89,7 +98,7 @@ class Server:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdrt.cli", "serve", "--engines", str(engine_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--threads", "1", "--max-steps", "1000", "--drain-timeout", "10",
+             "--port", str(self.port), "--threads", "1", "--max-steps", "1000", "--drain-timeout", "60",
              "--ray", "--replicas", "2"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.seen: dict[int, str] = {}

@@ -292,12 +292,47 @@ def test_killed_replica_fails_its_request_and_is_restarted(server, pipe):
     assert ok == 3
 
 
-def test_sigterm_stops_every_ray_process(server):
+def test_sigterm_drains_and_stops_every_ray_process(server):
+    """SIGTERM with a request running: it finishes (drain), new jobs get 503, the server exits 0 and
+    every process it started (Ray's GCS, raylet, workers, replicas) is gone."""
     started = server.track()
     assert any(cmd.startswith(MODEL_REPLICA) for cmd in started.values())
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("r", _a1111(server, seed=6, steps=300)))
+    thread.start()
+    deadline = time.monotonic() + REQUEST_S
+    while requests.get(server.url + "/sdapi/v1/progress", timeout=30).json()["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline and thread.is_alive(), "the request never started"
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    refused = None
+    for _ in range(100):  # bounded: the drain starts within about a second of the signal
+        body = {"mode": "txt2img", "prompt": "late", "steps": 4, "seed": 1, "width": 64, "height": 64}
+        refused = requests.post(server.url + "/v1/jobs", json=body, timeout=30)
+        if refused.status_code != 202 or not thread.is_alive():
+            break
+        time.sleep(0.1)
+    assert refused.status_code == 503 and "shutting down" in refused.json()["detail"], refused.text
+    thread.join(REQUEST_S)
+    assert out["r"].status_code == 200, out["r"].text  # drained: it ran to the end (--drain-timeout 60)
     code = server.stop()
     assert code == 0, server.output()
     assert server.alive() == [], server.output()
+
+
+def test_port_in_use_is_one_line_before_ray_starts(tiny_engine_dir):
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", "--engines", str(tiny_engine_dir), "--port",
+                              str(port), "--ray", "--replicas", "2"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot listen" in lines[0] and "Traceback" not in run.stderr, run.stderr
 
 
 def test_app_builder_checks_its_args(tiny_engine_dir):

@@ -164,6 +164,17 @@ def _start_ray(args, settings: RaySettings) -> bool:
     return True
 
 
+def _check_port(host: str, port: int) -> int:
+    """The port Ray's proxy will bind (``--port 0``: a free one), or a one-line SdrtError if it is taken."""
+    from sdrt.serve.cli import listen
+
+    sock = listen(host, port)
+    try:
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
 def run(args) -> dict:
     """Serve until SIGTERM/SIGINT; then drain, delete the application and stop what was started (exit 0)."""
     from sdrt.errors import SdrtError
@@ -171,6 +182,7 @@ def run(args) -> dict:
 
     options = options_from_args(args)  # auth, limits; refuses a non-loopback bind without auth
     settings = settings_from_args(args)
+    port = _check_port(args.host, int(args.port))  # a port in use fails now, not after Ray's start
     if not args.ray_address:
         for key, value in LOCAL_ENV.items():
             os.environ.setdefault(key, value)
@@ -187,13 +199,16 @@ def run(args) -> dict:
     # after ray.init, whose own SIGTERM handler (a crash reporter) would otherwise abort the process
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(proxy_location="HeadOnly" if owned else "EveryNode",
-                    http_options={"host": args.host, "port": int(args.port)})
+        try:
+            serve.start(proxy_location="HeadOnly" if owned else "EveryNode",
+                        http_options={"host": args.host, "port": port})
+        except RuntimeError as exc:  # Ray's proxy could not bind (taken since the check)
+            raise SdrtError(f"cannot listen on {args.host}:{port}: {str(exc).splitlines()[-1][:200]}") from None
         # the app logs one line per request itself; Serve's access log would repeat it
         handle = serve.run(build(settings, options), name=APP_NAME, route_prefix="/",
                            logging_config={"enable_access_log": False})
         log.info("sdrt serve --ray: %s replicas of %s on http://%s:%d", settings.autoscale or settings.replicas,
-                 settings.engines, args.host, int(args.port))
+                 settings.engines, args.host, port)
         while not stop.wait(1.0):
             pass
         log.info("shutting down: draining for up to %.0f s", options.drain_timeout)
