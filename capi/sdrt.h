@@ -125,6 +125,9 @@ typedef struct {
     const sdrt_image *mask_image; /* inpaint (required there): white repaints, black keeps; same size */
     sdrt_progress_fn progress;   /* NULL (default): none */
     void *user_data;             /* passed to progress */
+    /* --- added after the first layout (SDRT_GENERATE_PARAMS_SIZE_V1 ends here) --- */
+    const char *vae;             /* "full" (default, also for NULL) | "tiny": the TAESD `sdrt export
+                                    --tiny-vae` added (SDRT_ERR_INPUT when the artifact has none) */
 } sdrt_generate_params;
 
 /* SDRT_ABI_VERSION of the library (compare with the header's at start-up). */
@@ -171,7 +174,7 @@ void sdrt_context_close(sdrt_context *ctx);
 
 /* The first published layouts: a struct_size below these is SDRT_ERR_INPUT. */
 #define SDRT_CONTEXT_PARAMS_SIZE_V1 (offsetof(sdrt_context_params, log_level))
-#define SDRT_GENERATE_PARAMS_SIZE_V1 (sizeof(sdrt_generate_params))
+#define SDRT_GENERATE_PARAMS_SIZE_V1 (offsetof(sdrt_generate_params, vae))
 
 #ifdef __cplusplus
 }

@@ -223,7 +223,8 @@ def _generate(ctx, pipe, p, epoch, images_out, count_out, seed_out) -> None:
     options = {"negative_prompt": _text(p.negative_prompt, "negative_prompt", ""), "steps": p.steps,
                "guidance": _float(p.guidance), "seed": None if p.seed == -1 else int(p.seed),
                "width": p.width or None, "height": p.height or None,
-               "scheduler": _text(p.scheduler, "scheduler"), "batch": p.batch, "callback": on_step}
+               "scheduler": _text(p.scheduler, "scheduler"), "batch": p.batch, "callback": on_step,
+               "vae": _text(p.vae, "vae", "full")}
     prompt = _text(p.prompt, "prompt")
     strength = None if p.strength == STRENGTH_DEFAULT else _float(p.strength)
     if mode == "txt2img":

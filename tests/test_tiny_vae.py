@@ -186,3 +186,33 @@ def test_errors(tiny_engine_dir, tiny_model_dir, taesd, tmp_path, capsys):
                  str(wrong)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "16 latent channels" in err and not (tmp_path / "out").exists()
+
+
+def test_c_abi_vae_field(sd_engines, tiny_engine_dir, tmp_path_factory, tmp_path):
+    """sdrt_generate_params.vae: "tiny" gives the Python API's tiny-VAE pixels; NULL is "full"; an artifact
+    without a tiny VAE is SDRT_ERR_INPUT with the one-line message."""
+    import subprocess
+    import sys
+
+    import test_capi
+
+    capi = tmp_path_factory.mktemp("capi")  # built as tests/test_capi.py's fixture builds it
+    subprocess.run([sys.executable, str(test_capi.ROOT / "capi" / "build.py"), str(capi)], check=True,
+                   capture_output=True)
+    subprocess.run(["cc", "-std=c99", "-Wall", "-Wextra", "-Werror", f"-I{test_capi.ROOT / 'capi'}",
+                    str(test_capi.ROOT / "tests" / "capi" / "capi_test.c"), "-o", str(capi / "capi_test"),
+                    f"-L{capi}", f"-Wl,-rpath,{capi}", "-lsdrt", "-lpthread"], check=True)
+    results, _, stderr = test_capi.run(capi, tmp_path, [
+        test_capi.cmd("open", 0, engine_dir=sd_engines, threads=1),
+        test_capi.cmd("gen", 0, seed=4, width=64, height=64, steps=2, vae="tiny", out=tmp_path / "t"),
+        test_capi.cmd("gen", 0, seed=4, width=64, height=64, steps=2, out=tmp_path / "f"),
+        test_capi.cmd("open", 1, engine_dir=tiny_engine_dir, threads=1),
+        test_capi.cmd("gen", 1, seed=4, width=64, height=64, steps=2, vae="tiny", out=tmp_path / "x"),
+        test_capi.cmd("close", 0), test_capi.cmd("close", 1)])
+    assert stderr == ""
+    assert [r["status"] for r in results] == [0, 0, 0, 0, 2, 0, 0], results
+    assert "--tiny-vae" in results[4]["error"] and "\n" not in results[4]["error"]
+    pipe = Pipeline(sd_engines)
+    for prefix, vae in (("t", "tiny"), ("f", "full")):
+        want = pipe.txt2img("a photo of a cat", seed=4, width=64, height=64, steps=2, vae=vae).images[0]
+        assert np.array_equal(test_capi.ppm(tmp_path / f"{prefix}-0.ppm"), want), vae

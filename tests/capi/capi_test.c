@@ -206,6 +206,7 @@ static void *run_gen(void *arg) {
     if (strcmp(p->prompt, "NULL") == 0) p->prompt = NULL;
     p->negative_prompt = opt(o, "negative", NULL);
     p->scheduler = opt(o, "scheduler", NULL);
+    p->vae = opt(o, "vae", NULL);
     p->width = atoi(opt(o, "width", "0"));
     p->height = atoi(opt(o, "height", "0"));
     p->steps = atoi(opt(o, "steps", "30"));
