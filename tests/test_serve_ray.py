@@ -223,6 +223,39 @@ def test_a1111_interrupt_reaches_the_replica(server):
     assert len(response.json()["images"]) == 1 and response.headers["X-Sdrt-Replica"].startswith("sdrt#SdrtModel#")
 
 
+def test_a1111_skip_then_interrupt_over_ray(server):
+    """skip ends the first image run on the replica, the second starts; interrupt ends that: 2 images."""
+    body = {"prompt": "a red apple", "steps": LONG, "seed": 2, "width": 64, "height": 64, "n_iter": 2,
+            "batch_size": 1, "sampler_name": "Euler a"}
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault(
+        "r", requests.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=REQUEST_S)))
+    thread.start()
+
+    def wait_for(job_no) -> int:
+        """Poll until image run ``job_no`` is under way; the highest step seen in the run before it."""
+        deadline, before = time.monotonic() + REQUEST_S, 0
+        while True:
+            state = requests.get(server.url + "/sdapi/v1/progress", timeout=30).json()["state"]
+            if state["job_no"] == job_no and state["sampling_step"] >= 1:
+                return before
+            if state["job_no"] == job_no - 1:
+                before = max(before, state["sampling_step"])
+            assert time.monotonic() < deadline and thread.is_alive(), f"image run {job_no} never started: {state}"
+            time.sleep(0.05)
+
+    wait_for(0)
+    assert requests.post(server.url + "/sdapi/v1/skip", timeout=30).status_code == 200
+    # the skipped run stops a step or two after the skip, far from its 900 steps
+    assert wait_for(1) < LONG // 2
+    assert requests.post(server.url + "/sdapi/v1/interrupt", timeout=30).status_code == 200
+    thread.join(REQUEST_S)
+    assert not thread.is_alive(), "skip/interrupt did not reach the replica"
+    response = out["r"]
+    assert response.status_code == 200, response.text
+    assert len(response.json()["images"]) == 2
+
+
 def test_killed_replica_fails_its_request_and_is_restarted(server, pipe):
     before = server.model_replicas()
     assert len(before) == 2
