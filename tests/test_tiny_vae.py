@@ -216,3 +216,21 @@ def test_c_abi_vae_field(sd_engines, tiny_engine_dir, tmp_path_factory, tmp_path
     for prefix, vae in (("t", "tiny"), ("f", "full")):
         want = pipe.txt2img("a photo of a cat", seed=4, width=64, height=64, steps=2, vae=vae).images[0]
         assert np.array_equal(test_capi.ppm(tmp_path / f"{prefix}-0.ppm"), want), vae
+
+
+@pytest.mark.slow
+def test_fp16_export_covers_the_tiny_vae(tiny_model_dir, taesd, sd_engines, tmp_path):
+    """--precision fp16 exports the tiny VAE in fp16 too (checked against torch fp32 at export); the image
+    stays within the fp16 image bound of the fp32 artifact's (itself diffusers' within 1e-4)."""
+    from sdrt_export.exporter import export_model
+
+    engines = tmp_path / "fp16"
+    export_model(tiny_model_dir, engines, sizes=SizeRange(64, 64, 128, 1), progress=False, precision="fp16",
+                 tiny_vae_dir=taesd)
+    manifest = load_manifest(engines)
+    assert {manifest.component(n)["precision"] for n in (TINY_VAE_DECODER, TINY_VAE_ENCODER)} == {"fp16"}
+    request = dict(steps=3, seed=2, width=64, height=64, vae="tiny", scheduler="EulerAncestralDiscreteScheduler")
+    half = Pipeline(engines).img2img(picture(64, 64, 4), PROMPT, strength=0.8, **request).unit_images
+    full = Pipeline(sd_engines).img2img(picture(64, 64, 4), PROMPT, strength=0.8, **request).unit_images
+    error = float(np.abs(half - full).max())
+    assert error <= 2e-2, error
