@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
         g.add_argument("--vae", choices=("full", "tiny"), default="full",
                        help="tiny: the TAESD that `sdrt export --tiny-vae` added (fast previews, few-step models)")
+        g.add_argument("--rng", default="cpu", metavar="cpu|cuda[:GPU]",
+                       help="whose generator --seed reproduces: torch's CPU generator, or torch.Generator('cuda') "
+                            "on GPU (h100, a100, 4090, t4, ... or sm=N; default h100) — computed here, no GPU needed")
         p.set_defaults(func=cmd_generate, mode=mode)
 
     p = sub.add_parser("verify", help="compare sdrt with the diffusers pipeline (needs torch)",

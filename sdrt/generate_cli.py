@@ -49,17 +49,22 @@ def run(args) -> dict:
         result = getattr(pipe, args.mode)(
             prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
             seed=args.seed, width=args.width, height=args.height, scheduler=args.scheduler, batch=args.batch,
-            callback=on_step, vae=getattr(args, "vae", "full"), **extra)
+            callback=on_step, vae=getattr(args, "vae", "full"), rng=getattr(args, "rng", "cpu"), **extra)
     p = result.parameters
     sampler = args.scheduler or p["scheduler"]
     text = a1111_parameters(p["prompt"], p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],
                             p["width"], p["height"], **({"Denoising strength": p["strength"]}
-                                                        if args.mode != "txt2img" else {}))
+                                                        if args.mode != "txt2img" else {}), **rng_infotext(p["rng"]))
     saved = [str(save_png(image, path, text)) for image, path in zip(result.images, paths)]
     timings = {"load": pipe.load_seconds, **result.timings, "total": time.perf_counter() - start}
     summary = {"images": saved, "seed": result.seed, "timings_s": timings, "parameters": p}
     summary["message"] = f"saved {', '.join(saved)} (seed {result.seed})\n" + format_timings(timings)
     return summary
+
+
+def rng_infotext(rng: str) -> dict:
+    """A1111's ``RNG: NV`` for torch's CUDA generator (``--rng cuda[:GPU]``); nothing for the CPU default."""
+    return {} if rng == "cpu" else {"RNG": "NV", "sdrt RNG": rng}
 
 
 def format_timings(timings: dict) -> str:

@@ -28,6 +28,7 @@ from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
 from sdrt.manifest import load_manifest
 from sdrt.rng import GeneratorList, TorchGenerator, random_seed
+from sdrt.rng_cuda import RngSpec, parse_rng
 from sdrt.schedulers.common import astype
 from sdrt.specs import TINY_VAE_DECODER, TINY_VAE_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelDims
 from sdrt.tokenizer import ClipTokenizer
@@ -81,7 +82,7 @@ def default_inpaint_strength(dims: ModelDims) -> float:
     return 0.9999 if dims.has_text_encoder_2 else 1.0
 
 
-def per_image_generator(seeds, batch: int):
+def per_image_generator(seeds, batch: int, rng=None):
     """``seed=[s0, s1, ...]``: one generator per image (diffusers' list of ``torch.Generator``; for inpaint,
     diffusers given one input image per generator). Every draw of image k, noise, posterior samples of
     the VAE encoder and the scheduler's step noise, comes from generator k in a batch-1 run's order, so
@@ -89,7 +90,8 @@ def per_image_generator(seeds, batch: int):
     seeds = list(seeds)
     if len(seeds) != batch:
         raise InputError(f"{len(seeds)} seeds given for a batch of {batch}: give one seed per image")
-    return TorchGenerator(seeds[0]) if len(seeds) == 1 else GeneratorList(seeds)
+    rng = TorchGenerator if rng is None else rng
+    return rng(seeds[0]) if len(seeds) == 1 else GeneratorList(seeds, rng)
 
 
 class Pipeline:
@@ -137,8 +139,11 @@ class Pipeline:
 
     def _generate(self, mode, prompt, *, negative_prompt="", steps=30, guidance=7.5, seed=None, width=None,
                   height=None, scheduler=None, batch=1, callback: StepCallback | None = None, image=None,
-                  mask=None, strength=1.0, vae="full") -> Result:
+                  mask=None, strength=1.0, vae="full", rng="cpu") -> Result:
+        """``rng``: whose generator ``seed`` reproduces: ``cpu`` (``torch.Generator("cpu")``, default) or
+        ``cuda[:GPU]`` (``torch.Generator("cuda")`` on that GPU; see ``sdrt.rng_cuda.parse_rng``)."""
         timings, m = Timings(), self.manifest
+        rng = rng if isinstance(rng, RngSpec) else parse_rng(rng)
         vae_parts = self._vae_choice(vae)
         guidance = check_guidance(guidance)
         if not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -160,7 +165,7 @@ class Pipeline:
         sched = schedulers.from_config(m.scheduler_config, scheduler)
         seed = random_seed() if seed is None else seed
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-        generator = per_image_generator(seeds, batch) if isinstance(seed, (list, tuple)) else TorchGenerator(seed)
+        generator = per_image_generator(seeds, batch, rng) if isinstance(seed, (list, tuple)) else rng(seed)
         cfg = uses_text_cfg(self.dims, uses_cfg(guidance))
 
         conditioning = self.conditioner(prompt, negative_prompt, batch, cfg, width, height, guidance, timings)
@@ -191,7 +196,8 @@ class Pipeline:
         timings.samples["loop_overhead"] = [sum(timings.samples.pop("step", [])) - unet_total]
         params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
-                  "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength, "vae": vae}
+                  "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength, "vae": vae,
+                  "rng": rng.name}
         return Result(to_uint8(unit), unit, seeds[0], timings.summary(), params, seeds)
 
     def _vae_choice(self, vae) -> tuple[str, str, float]:

@@ -186,8 +186,10 @@ class GeneratorList:
     shape (N, ...) is N draws of (1, ...), image k's from generator k, concatenated. So each image's noise
     depends on its own seed only and image k of a batch equals a batch-1 run with seed k."""
 
-    def __init__(self, seeds):
-        self.generators = [TorchGenerator(s) for s in seeds]
+    def __init__(self, seeds, factory=None):
+        """``factory(seed)`` makes each generator (default ``TorchGenerator``; e.g. an ``RngSpec``)."""
+        factory = TorchGenerator if factory is None else factory
+        self.generators = [factory(s) for s in seeds]
         if not self.generators:
             raise InputError("a seed list needs at least one seed")
 
