@@ -213,6 +213,19 @@ def move_into_place(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+
+def _check_scheduler(config: dict) -> None:
+    """Say at export, not at the first generation, when sdrt cannot run the model's own scheduler config
+    (an unimplemented key, an unknown class); generating with ``--scheduler NAME`` still works then."""
+    from sdrt import schedulers
+
+    try:
+        schedulers.from_config(config)
+    except SdrtError as exc:
+        log.warning("the model's scheduler_config.json will be refused at run time (%s); generate with "
+                    "--scheduler NAME, e.g. 'Euler a' or 'DPM++ 2M Karras'", exc)
+
+
 def export_model(model, out, sizes: SizeRange | None = None, opset: int | None = None, force: bool = False,
                  progress: bool = True, precision: str = "fp32", tiny_vae_dir=None) -> dict:
     """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
@@ -232,6 +245,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         dims = replace(dims, tiny_vae_latent_channels=dims.latent_channels)
     # everything the manifest needs from the model folder is read now, not after minutes of export
     scheduler = read_json(model_dir / "scheduler" / "scheduler_config.json")
+    _check_scheduler(scheduler)
     vae_config = read_json(model_dir / "vae" / "config.json")
     force_upcast = dims.has_text_encoder_2 and bool(vae_config.get("force_upcast", True))
     index = read_json(model_dir / "model_index.json")

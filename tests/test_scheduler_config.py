@@ -253,3 +253,18 @@ def test_class_defaults_follow_diffusers(class_name):
     ref = getattr(diffusers, class_name).from_config(bare).config
     for key in ours.keys:
         assert plain(getattr(ours.config, key)) == plain(ref.get(key)), (class_name, key)
+
+
+def test_export_warns_about_a_model_config_it_cannot_run(caplog):
+    """The exporter says so at export time (a WARNING, shown by default) when the model's own config would be
+    refused at run time; a config sdrt runs passes silently."""
+    from sdrt_export.exporter import _check_scheduler
+
+    config = {"_class_name": "EulerDiscreteScheduler", "prediction_type": "flow_prediction"}
+    with caplog.at_level("WARNING", logger="sdrt_export.exporter"):
+        _check_scheduler(config)
+    assert any("prediction_type" in r.getMessage() and "--scheduler" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdrt_export.exporter"):
+        _check_scheduler({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True})
+    assert not caplog.records
