@@ -234,3 +234,28 @@ def test_fp16_export_covers_the_tiny_vae(tiny_model_dir, taesd, sd_engines, tmp_
     full = Pipeline(sd_engines).img2img(picture(64, 64, 4), PROMPT, strength=0.8, **request).unit_images
     error = float(np.abs(half - full).max())
     assert error <= 2e-2, error
+
+
+def test_serve_jobs_vae_field(sd_engines):
+    """sdrt serve's POST /v1/jobs takes "vae": "tiny" (the Python API's pixels); another value is a 4xx."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from sdrt.serve.executor import LocalExecutor
+    from tests.serve_fixtures import ThreadServer, pixels, wait_until
+
+    server = ThreadServer(LocalExecutor(str(sd_engines), threads=1))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            body = {"prompt": PROMPT, "steps": 2, "seed": 6, "width": 64, "height": 64, "vae": "tiny"}
+            job = client.post("/v1/jobs", json=body).json()
+            wait_until(lambda: client.get(job["status_url"]).json()["state"] in ("succeeded", "failed"), 120,
+                       interval=0.2, what="job done")
+            assert client.get(job["status_url"]).json()["state"] == "succeeded"
+            image = pixels(client.get(f"/v1/jobs/{job['id']}/images/0.png").content)
+            bad = client.post("/v1/jobs", json={**body, "vae": "taesd"})
+            assert 400 <= bad.status_code < 500 and "vae" in bad.text
+    finally:
+        server.close()
+    want = Pipeline(sd_engines).txt2img(PROMPT, steps=2, seed=6, width=64, height=64, vae="tiny").images[0]
+    assert np.array_equal(image, want)

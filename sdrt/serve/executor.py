@@ -50,6 +50,7 @@ class GenRequest:
     batch_size: int | None = None  # images per Pipeline call (A1111 batch_size); None: as many as the artifact takes
     sampler_label: str | None = None  # the name written into the infotext ("Euler a"); None: ``scheduler``
     infotext_extra: tuple[tuple[str, str], ...] = ()  # more "Key: value" fields for the infotext
+    vae: str = "full"  # "tiny": the TAESD `sdrt export --tiny-vae` added (Pipeline's vae=)
 
     @property
     def count(self) -> int:
@@ -176,7 +177,7 @@ def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenRe
             result = getattr(pipe, req.mode)(
                 prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance,
                 seed=run, width=req.width, height=req.height, scheduler=req.scheduler, batch=len(run),
-                callback=callback, **extra)
+                callback=callback, vae=req.vae, **extra)
             pixels_out = result.images
             for stage, value in result.timings.items():
                 value = sum(value) if isinstance(value, list) else value

@@ -47,7 +47,7 @@ def build(body: JobIn, info: dict, options) -> GenRequest:
     req = GenRequest(mode=body.mode, prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                      guidance=float(body.guidance), seeds=seeds_for(body.seed, body.batch), width=body.width,
                      height=body.height, scheduler=body.scheduler, strength=strength, image_png=image_png,
-                     mask_png=mask_png)
+                     mask_png=mask_png, vae=body.vae)
     return limits.check_request(req, info, options)
 
 

@@ -29,6 +29,7 @@ class JobIn(BaseModel):
     strength: Number | None = None
     image: StrictStr | None = None  # base64 or data: URL
     mask: StrictStr | None = None
+    vae: Literal["full", "tiny"] = "full"  # tiny: the TAESD `sdrt export --tiny-vae` added
 
 
 class OpenAIImagesIn(BaseModel):
