@@ -135,6 +135,9 @@ def test_webuiapi_inpaint_whole_picture_defaults(api, pipe):
     inverted = pixels(api.img2img(images=[image], mask_image=mask, prompt=PROMPT, seed=5, width=64, height=64,
                                   mask_blur=0, inpainting_mask_invert=1, inpaint_full_res=False).images[0])
     np.testing.assert_array_equal(inverted[inside[..., 0]], np.asarray(image)[inside[..., 0]])
+    as_bool = api.img2img(images=[image], mask_image=mask, prompt=PROMPT, seed=5, width=64, height=64,
+                          mask_blur=0, inpainting_mask_invert=True, inpaint_full_res=False)  # A1111 coerces bools
+    np.testing.assert_array_equal(pixels(as_bool.images[0]), inverted)
 
 
 def test_webuiapi_progress_and_interrupt(api, server):

@@ -38,7 +38,7 @@ def get(payload: dict, name: str, kind, default=None):
     if kind is bool and isinstance(value, int) and value in (0, 1):
         value = bool(value)
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-        raise ApiError(400, f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+        raise ApiError(400, f"{name}: expected {getattr(kind, '__name__', 'int or bool')}, got {type(value).__name__}")
     return value
 
 
@@ -83,7 +83,7 @@ def build(payload: dict, state, mode: str) -> tuple[GenRequest, dict, object]:
                 raise ApiError(400, "mask_blur / inpaint_full_res_padding: out of range (blur 0..64, padding >= 0)")
             prepared = inpaint.prepare(
                 image, mask, width, height, blur_x=blur_x, blur_y=blur_y,
-                invert=bool(get(payload, "inpainting_mask_invert", int, 0)),
+                invert=bool(get(payload, "inpainting_mask_invert", (int, bool), 0)),  # clients send 1 or true
                 full_res=get(payload, "inpaint_full_res", bool, True), padding=padding,
                 fill=get(payload, "inpainting_fill", int, 0))
             gen["image_png"], gen["mask_png"] = encode_png(prepared.image), encode_png(prepared.mask)
