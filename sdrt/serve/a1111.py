@@ -66,6 +66,8 @@ def build(payload: dict, state, mode: str) -> tuple[GenRequest, dict, object]:
     prepared = None
     if mode == "img2img":
         gen["strength"] = get(payload, "denoising_strength", float, 0.75)
+        if not 0 < gen["strength"] <= 1:
+            raise ApiError(400, f"denoising_strength: must be in (0, 1], got {gen['strength']!r}")
         images = payload.get("init_images")
         if not isinstance(images, list) or not images:
             raise ApiError(400, "init_images: img2img needs a list with one base64 image")

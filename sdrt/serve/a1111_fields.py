@@ -119,6 +119,7 @@ def refuse_unsupported(payload: dict, sampler: str | None, model_name: str) -> N
         ("initial_noise_multiplier", lambda v: _is_off(v, 1, 1.0), "a noise multiplier other than 1 is not "
                                                                     "implemented"),
         ("latent_mask", lambda v: _is_off(v, ""), "a separate latent mask is not implemented"),
+        ("mask_round", lambda v: _is_off(v, True), "the pipeline rounds the latent mask (A1111's mask_round true)"),
         ("resize_mode", lambda v: _is_off(v, 0), "only resize_mode 0 (just resize) is implemented"),
         ("inpainting_fill", lambda v: _is_off(v, 0, 1), "only inpainting_fill 0 (fill) and 1 (original) are "
                                                         "implemented"),
