@@ -67,3 +67,24 @@ def tiny_sdxl_fp16_engine_dir(tiny_sdxl_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / "tiny-sdxl-fp16"
     export_model(tiny_sdxl_model_dir, out, sizes=SizeRange(64, 64, 128, 2), progress=False, precision="fp16")
     return out
+
+
+@pytest.fixture(scope="session")
+def family_exports(tmp_path_factory):
+    """arch -> (model folder, ENGINE_DIR), each tiny arch built from its own folder (seed 0) and exported
+    (sizes 64..128, max batch 2) on first use, once per session. Do not modify them (copy first)."""
+    from sdrt.specs import SizeRange
+    from sdrt_export.exporter import export_model
+    from sdrt_export.make_model import make_model
+
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(arch):
+        if arch not in built:
+            model = make_model(root / arch, arch=arch, seed=0)
+            engines = root / f"{arch}-engines"
+            export_model(model, engines, sizes=SizeRange(64, 64, 128, 2), progress=False)
+            built[arch] = model, engines
+        return built[arch]
+
+    return get

@@ -52,22 +52,9 @@ def mask_picture(width: int, height: int):
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory):
-    """arch -> (model folder, ENGINE_DIR), built and exported on first use."""
-    from sdrt_export.exporter import export_model
-    from sdrt_export.make_model import make_model
-
-    root, built = tmp_path_factory.mktemp("families"), {}
-
-    def get(arch):
-        if arch not in built:
-            model = make_model(root / arch, arch=arch, seed=0)
-            engines = root / f"{arch}-engines"
-            export_model(model, engines, sizes=SizeRange(64, 64, 128, 2), progress=False)
-            built[arch] = model, engines
-        return built[arch]
-
-    return get
+def families(family_exports):
+    """arch -> (model folder, ENGINE_DIR): the session's exports (tests/conftest.py)."""
+    return family_exports
 
 
 def compare(families, arch, scheduler, mode="txt2img", steps=3, guidance=7.5, seed=0, **case):

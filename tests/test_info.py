@@ -13,10 +13,7 @@ import pytest
 from sdrt.cli import main
 from sdrt.info import DISTRIBUTIONS
 from sdrt.manifest import load_manifest
-from sdrt.specs import SizeRange
 
-EXPORTED = ("tiny-sd2", "tiny-lcm", "tiny-sdxl")  # tiny (sd15) is the session's tiny_engine_dir
-SHARES_WEIGHTS = {"tiny-sd-turbo": "tiny-sd2", "tiny-sdxl-turbo": "tiny-sdxl"}  # as in test_families.py
 
 
 def info(capsys, *args: str) -> tuple[int, str, str]:
@@ -26,31 +23,10 @@ def info(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def families(tiny_model_dir, tiny_engine_dir, tmp_path_factory):
-    """arch -> (model folder, ENGINE_DIR), exported on first use; the turbo archs reuse their base's
-    export (same configs and seed, so the same weights) with the scheduler and family of their own folder."""
+def families(tiny_model_dir, tiny_engine_dir, family_exports):
+    """arch -> (model folder, ENGINE_DIR): the session's tiny export and family exports (tests/conftest.py)."""
     pytest.importorskip("torch")
-    from sdrt_export.exporter import export_model
-    from sdrt_export.make_model import make_model
-    from sdrt_export.wrappers import dims_from_model, read_json
-
-    root, built = tmp_path_factory.mktemp("info-families"), {"tiny": (tiny_model_dir, tiny_engine_dir)}
-
-    def get(arch):
-        if arch not in built:
-            model, engines = make_model(root / arch, arch=arch, seed=0), root / f"{arch}-engines"
-            if arch in EXPORTED:
-                export_model(model, engines, sizes=SizeRange(64, 64, 128, 1), progress=False)
-            else:
-                shutil.copytree(get(SHARES_WEIGHTS[arch])[1], engines)
-                manifest = json.loads((engines / "manifest.json").read_text())
-                manifest["scheduler"] = read_json(model / "scheduler" / "scheduler_config.json")
-                manifest["family"] = manifest["dims"]["family"] = dims_from_model(model).family
-                (engines / "manifest.json").write_text(json.dumps(manifest))
-            built[arch] = model, engines
-        return built[arch]
-
-    return get
+    return lambda arch: (tiny_model_dir, tiny_engine_dir) if arch == "tiny" else family_exports(arch)
 
 
 @pytest.mark.slow
