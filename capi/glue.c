@@ -108,13 +108,18 @@ static int enter(const sdrt_context *ctx, frame *f) {
 
 static void leave(frame *f) { tls_frames = f->prev; }
 
-/* Copy the caller's struct of `size` bytes over `dst` (already holding defaults). */
+/* Copy the caller's struct of `size` bytes over `dst` (already holding defaults).  Below `known`, only a
+ * published layout's size (`min`, the only older layout so far) is accepted: any other would copy part of a
+ * field (half a pointer). */
 static sdrt_status normalize(sdrt_context *ctx, const void *src, void *dst, size_t known, size_t min,
                              const char *what) {
     uint32_t size = *(const uint32_t *)src;
     if (size < min || size > STRUCT_SIZE_MAX)
         return fail(ctx, SDRT_ERR_INPUT, "%s.struct_size is %u; it must be between %zu and %d (set it with %s_init)",
                     what, (unsigned)size, min, STRUCT_SIZE_MAX, what);
+    if (size > min && size < known)
+        return fail(ctx, SDRT_ERR_INPUT, "%s.struct_size is %u, not a published layout's size (%zu or %zu); set "
+                    "it with %s_init", what, (unsigned)size, min, known, what);
     for (size_t i = known; i < size; i++)
         if (((const unsigned char *)src)[i])
             return fail(ctx, SDRT_ERR_INPUT, "%s.struct_size is %u and sets fields this libsdrt (%zu bytes) does "

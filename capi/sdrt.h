@@ -38,8 +38,9 @@
  *
  * Versioning: every params struct starts with struct_size, set by its *_params_init function.  A
  * caller compiled against an older, smaller struct keeps working: fields beyond its struct_size take
- * their defaults.  A struct_size below the first published layout (SDRT_*_PARAMS_SIZE_V1), above 4096,
- * or above what this library knows with any unknown trailing byte nonzero, is SDRT_ERR_INPUT.
+ * their defaults.  A struct_size below the first published layout (SDRT_*_PARAMS_SIZE_V1), between two
+ * published layouts' sizes (it would cut a field), above 4096, or above what this library knows with any
+ * unknown trailing byte nonzero, is SDRT_ERR_INPUT.
  */
 #ifndef SDRT_H
 #define SDRT_H
@@ -87,8 +88,10 @@ typedef struct {
     uint8_t *data;
 } sdrt_image;
 
-/* Called after each denoising step: step = steps done (1..total).  Return nonzero to cancel
- * (sdrt_generate then returns SDRT_ERR_CANCELLED). */
+/* Called after each denoising step: step = steps done (1..total).  total is the number of UNet
+ * iterations the scheduler runs, as Pipeline's callback reports it: `steps` for most schedulers, more
+ * for Heun/PNDM (diffusers' timesteps), fewer for img2img/inpaint with strength < 1.  Return nonzero to
+ * cancel (sdrt_generate then returns SDRT_ERR_CANCELLED, also at the last step). */
 typedef int (*sdrt_progress_fn)(int step, int total, void *user_data);
 
 /* One log message (one line, UTF-8, valid during the call); level: SDRT_LOG_*. */
@@ -120,7 +123,8 @@ typedef struct {
     float guidance;              /* classifier-free guidance scale, >= 0; default 7.5 */
     float strength;              /* img2img/inpaint, in (0, 1]; default SDRT_STRENGTH_DEFAULT */
     int64_t seed;                /* >= 0: reproducible (as torch.Generator("cpu").manual_seed);
-                                    -1 (default): random (returned in *seed_out) */
+                                    -1 (default): random (returned in *seed_out); other
+                                    negative values as torch's manual_seed takes them */
     const sdrt_image *init_image; /* img2img and inpaint (required there; NULL for txt2img) */
     const sdrt_image *mask_image; /* inpaint (required there): white repaints, black keeps; same size */
     sdrt_progress_fn progress;   /* NULL (default): none */

@@ -173,6 +173,7 @@ BAD_REQUESTS = [  # (gen options, status, needles): the CLI's refusals (tests/te
     ({"prompt": "NULL"}, ERR_INPUT, ["prompt is NULL"]),
     ({"struct_size": 0}, ERR_INPUT, ["struct_size is 0", "sdrt_generate_params_init"]),
     ({"struct_size": "v1-1"}, ERR_INPUT, ["struct_size", "must be between"]),
+    ({"struct_size": "v1+4"}, ERR_INPUT, ["struct_size is", "not a published layout"]),  # half a pointer
     ({"struct_size": 3435973836}, ERR_INPUT, ["struct_size is 3435973836"]),
     ({"struct_size": "bigx"}, ERR_INPUT, ["newer libsdrt"]),
     ({"null": "params"}, ERR_INPUT, ["params is NULL"]),

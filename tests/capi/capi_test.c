@@ -4,7 +4,7 @@
  * A "\\n" in a value stands for a newline.
  * Output: one JSON object a line (results, and {"log": slot, ...} for log callback messages).
  *
- *   open SLOT [engine_dir= backend= threads= log=1 log_level= struct_size=v1|v1-1|big0|bigx|N]
+ *   open SLOT [engine_dir= backend= threads= log=1 log_level= struct_size=v1|v1-1|v1+4|big0|bigx|N]
  *   gen SLOT [mode= prompt=|prompt=NULL negative= scheduler= width= height= steps= batch= guidance=
  *             strength= seed= image=F.ppm mask=F.pgm out=PREFIX cancel_at=K thread_cancel_at=K reenter_at=K
  *             close_at=K (another thread closes the context at step K)
@@ -136,6 +136,7 @@ typedef struct { sdrt_context_params p; unsigned char extra[16]; } bigger_contex
 static uint32_t struct_size(const char *spec, size_t v1, size_t full, unsigned char *extra) {
     if (strcmp(spec, "v1") == 0) return (uint32_t)v1;
     if (strcmp(spec, "v1-1") == 0) return (uint32_t)v1 - 1;
+    if (strcmp(spec, "v1+4") == 0) return (uint32_t)v1 + 4; /* half of the first added field */
     if (strcmp(spec, "big0") == 0) return (uint32_t)full + 16;
     if (strcmp(spec, "bigx") == 0) { extra[3] = 1; return (uint32_t)full + 16; }
     return (uint32_t)strtoul(spec, NULL, 10);
@@ -225,6 +226,7 @@ static void *run_gen(void *arg) {
     p->user_data = &s;
     const char *size = opt(o, "struct_size", NULL);
     if (size) p->struct_size = struct_size(size, SDRT_GENERATE_PARAMS_SIZE_V1, sizeof *p, g.extra);
+    if (size && strcmp(size, "v1+4") == 0) p->vae = (const char *)~(uintptr_t)0; /* half of it is copied */
     const char *null = opt(o, "null", "");
     sdrt_image *images = (sdrt_image *)1; /* must be reset to NULL on failure */
     int count = -1;
