@@ -50,6 +50,7 @@ CORPUS = [  # (id, method, path, json body or raw bytes, headers, expected statu
     ("json-array", "POST", "/sdapi/v1/txt2img", b"[]", AUTH, 400, "object"),
     ("steps-type", "POST", "/sdapi/v1/txt2img", {**GOOD, "steps": "many"}, AUTH, 400, "steps"),
     ("cfg-type", "POST", "/sdapi/v1/txt2img", {**GOOD, "cfg_scale": "7"}, AUTH, 400, "cfg_scale"),
+    ("cfg-range", "POST", "/sdapi/v1/txt2img", {**GOOD, "cfg_scale": -1}, AUTH, 400, "cfg_scale"),
     ("seed-type", "POST", "/sdapi/v1/txt2img", {**GOOD, "seed": "x"}, AUTH, 400, "seed"),
     ("steps-zero", "POST", "/sdapi/v1/txt2img", {**GOOD, "steps": 0}, AUTH, 400, "steps"),
     ("steps-over-max", "POST", "/sdapi/v1/txt2img", {**GOOD, "steps": 151}, AUTH, 400, "steps"),

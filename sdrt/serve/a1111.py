@@ -54,12 +54,15 @@ def build(payload: dict, state, mode: str) -> tuple[GenRequest, dict, object]:
     opt = info["sizes"]["opt_size"]
     width, height = get(payload, "width", int, opt), get(payload, "height", int, opt)
     count = batch_size * n_iter
+    cfg_scale = get(payload, "cfg_scale", float, 7.0)
+    if not 0 <= cfg_scale <= 100:
+        raise ApiError(400, f"cfg_scale: must be a number in 0..100, got {cfg_scale!r}")
     if count > options.max_images:
         raise ApiError(400, f"batch_size * n_iter: {count} images, this server allows 1..{options.max_images}")
     gen = dict(prompt=limits.check_text(payload.get("prompt"), "prompt", options.max_prompt_chars),
                negative_prompt=limits.check_text(payload.get("negative_prompt"), "negative_prompt",
                                                  options.max_prompt_chars),
-               steps=get(payload, "steps", int, 50), guidance=get(payload, "cfg_scale", float, 7.0),
+               steps=get(payload, "steps", int, 50), guidance=cfg_scale,
                seeds=fields.seeds_for(get(payload, "seed", int, -1), count), width=width, height=height,
                scheduler=sched, batch_size=batch_size, sampler_label=label or info.get("scheduler"),
                infotext_extra=tuple(extra.items()), strength=None, image_png=None, mask_png=None)
