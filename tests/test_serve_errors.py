@@ -97,6 +97,8 @@ CORPUS = [  # (id, method, path, json body or raw bytes, headers, expected statu
     ("job-bad-scheduler", "POST", "/v1/jobs", {**GOOD, "scheduler": "Magic"}, AUTH, 400, "scheduler"),
     ("job-inpaint-no-mask", "POST", "/v1/jobs", {**GOOD, "mode": "inpaint", "image": IMG}, AUTH, 400, "mask"),
     ("openai-size", "POST", "/v1/images/generations", {"prompt": PROMPT, "size": "big"}, AUTH, 400, "size"),
+    ("openai-size-range", "POST", "/v1/images/generations", {"prompt": PROMPT, "size": "1024x1024"}, AUTH, 400,
+     "size: '1024x1024'"),
     ("openai-n", "POST", "/v1/images/generations", {"prompt": PROMPT, "n": 11}, AUTH, 422, "n"),
     ("openai-url", "POST", "/v1/images/generations", {"prompt": PROMPT, "response_format": "url"}, AUTH, 400,
      "response_format"),

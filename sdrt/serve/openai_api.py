@@ -46,7 +46,12 @@ def build(body: OpenAIImagesIn, info: dict, options) -> GenRequest:
                      negative_prompt=body.negative_prompt, steps=body.steps, guidance=float(body.guidance),
                      seeds=seeds_for(body.seed, n), width=width, height=height, scheduler=body.scheduler,
                      strength=None, image_png=None, mask_png=None)
-    return limits.check_request(req, info, options)
+    try:
+        return limits.check_request(req, info, options)
+    except ApiError as exc:  # name the field the client sent
+        if exc.detail.startswith(("width:", "height:")):
+            raise ApiError(400, f"size: {body.size!r}: {exc.detail}") from None
+        raise
 
 
 @router.post("/images/generations")
