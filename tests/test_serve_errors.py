@@ -163,3 +163,16 @@ def test_import_sdrt_does_not_load_the_serving_stack():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+def test_metrics_label_routes_by_template(server):
+    """Route labels are the matched route's template: the OpenAI route keeps its name, and job ids a client
+    makes up do not each become a new label value."""
+    for job_id in ("made-up-1", "made-up-2"):
+        assert httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=AUTH).status_code == 404
+    assert httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT, "size": "big"},
+                      headers=AUTH).status_code == 400
+    metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    assert "made-up" not in metrics
+    assert 'route="/v1/jobs/{job_id}",status="404"' in metrics
+    assert 'route="/v1/images/generations",status="400"' in metrics

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 
 from sdrt.serve.auth import Authenticator
@@ -16,8 +15,16 @@ from sdrt.serve.errors import ApiError, body
 log = logging.getLogger("sdrt.serve.access")
 
 OPEN_PATHS = ("/healthz",)
-_ID = re.compile(r"/[0-9a-f]{32}(?=/|$)")
-_IMAGE = re.compile(r"/images/[^/]+$")
+
+
+def _template(scope) -> str:
+    """The matched path with each path parameter as its name ("/v1/jobs/{job_id}"): bounded label values."""
+    path = scope.get("path", "")
+    for key, value in reversed(list((scope.get("path_params") or {}).items())):
+        head, sep, tail = path.rpartition(f"/{value}")
+        if sep:
+            path = f"{head}/{{{key}}}{tail}"
+    return path
 
 
 async def send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
@@ -74,8 +81,7 @@ class AccessMiddleware:
         return limited
 
     def _log(self, scope, status: int, seconds: float) -> None:
-        route = _ID.sub("/{id}", scope.get("path", "")) if scope.get("route") is not None else "unmatched"
-        route = _IMAGE.sub("/images/{k}.png", route)
+        route = _template(scope) if scope.get("route") is not None else "unmatched"
         job = (scope.get("state") or {}).get("job_id")
         self.state.metrics.observe_request(route, status, seconds)
         log.info(json.dumps({"route": route, "method": scope.get("method"), "path": scope.get("path"),
