@@ -187,8 +187,6 @@ def test_live_events_through_the_proxy_and_cancel(server):
     assert _wait_job(server, job_id, lambda j: j["state"] in FINISHED)["step"] < LONG
 
 
-@pytest.mark.xfail(strict=True, reason="sdrt/serve/sync.py cancels a job on request.is_disconnected() only; Ray's "
-                   "proxy cancels the request task instead (asyncio.CancelledError), so the job runs on")
 def test_client_disconnect_cancels_on_the_replica(server):
     body = json.dumps({"prompt": "a red apple", "steps": LONG, "seed": 4, "width": 128, "height": 128}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
@@ -385,8 +383,6 @@ def test_app_builder_checks_its_args(tiny_engine_dir):
                                    "autoscale": "1:3", "num_gpus": 0}), Application)
 
 
-@pytest.mark.xfail(strict=True, reason="sdrt/serve/cli.py add_arguments does not call "
-                   "sdrt.serve.ray_app.add_ray_arguments yet, so --ray-num-cpus etc. are not registered")
 def test_ray_flags_reach_the_deployment_settings():
     """``sdrt serve``'s Ray flags -> RaySettings: replicas or autoscaling, resources, in-flight slots."""
     from sdrt.cli import build_parser

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve (needs sdrt[ray])")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each holding one Pipeline")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
+    from sdrt.serve.ray_app import add_ray_arguments  # standard library only: ray is imported by --ray
+
+    add_ray_arguments(p)
 
 
 def is_loopback(host: str) -> bool:

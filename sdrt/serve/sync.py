@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -29,13 +30,28 @@ async def run(request, state, gen: GenRequest, route: str) -> GenResult:
     """Submit and wait for the result. A client that disconnects cancels its job (the worker is free
     again at the next step); a job that fails raises its error as ApiError."""
     job = submit(request, state, gen, route)
+    try:
+        current = await _wait(request, state, job)
+    except asyncio.CancelledError:
+        # a proxy (Ray Serve's) or the server may cancel the handler instead of reporting a disconnect
+        log.info("request cancelled; cancelling job %s", job.id)
+        state.queue.cancel(job.id, "the client disconnected")
+        raise
+    headers = {"X-Sdrt-Replica": state.replica_for(current.result)}
+    if current.state == SUCCEEDED:
+        return current.result
+    error = current.error or {"error": "Failed", "detail": "the job failed", "status": 500}
+    raise ApiError(int(error.get("status", 500)), error.get("detail", ""), error.get("error"), headers)
+
+
+async def _wait(request, state, job):
     deadline, seen = time.monotonic() + state.options.sync_timeout, 0
     while True:
         current = await state.queue.wait_async(job.id, seen)
         if current is None:
             raise ApiError(410, f"job {job.id} expired")
         if current.state in TERMINAL:
-            break
+            return current
         seen = len(current.events)
         if await request.is_disconnected():
             log.info("client went away; cancelling job %s", job.id)
@@ -44,11 +60,6 @@ async def run(request, state, gen: GenRequest, route: str) -> GenResult:
         if time.monotonic() > deadline:
             state.queue.cancel(job.id, "synchronous request timed out")
             raise ApiError(504, f"the job did not finish within {state.options.sync_timeout} s", "Timeout")
-    headers = {"X-Sdrt-Replica": state.replica_for(current.result)}
-    if current.state == SUCCEEDED:
-        return current.result
-    error = current.error or {"error": "Failed", "detail": "the job failed", "status": 500}
-    raise ApiError(int(error.get("status", 500)), error.get("detail", ""), error.get("error"), headers)
 
 
 def json_response(payload: dict, result: GenResult | None, state, status: int = 200):
