@@ -7,7 +7,7 @@ MODEL ?= engines/tiny-model
 ENGINES ?= engines/tiny
 OUTDIR ?= engines/out
 
-.PHONY: install demo test gpu-test capi clean
+.PHONY: install demo test gpu-test gpu-wheels capi clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,12 +60,18 @@ export GPU_REPORT
 gpu-test:
 	@if $(GPU_PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then \
 		mkdir -p build/gpu-path && ln -sfn "$(CURDIR)/export" build/gpu-path/sdrt_export && \
-		export PYTHONPATH="$(CURDIR):$(CURDIR)/build/gpu-path$${PYTHONPATH:+:$$PYTHONPATH}" && \
+		{ [ ! -d build/gpu-wheels ] || $(GPU_PY) scripts/gpu_site.py unpack build/gpu-wheels build/gpu-site; } && \
+		export PYTHONPATH="$(CURDIR):$(CURDIR)/build/gpu-path$${PYTHONPATH:+:$$PYTHONPATH}:$(CURDIR)/build/gpu-site" && \
 		$(GPU_PY) -c "$$GPU_REPORT" $(GPU_NEEDS) && $(GPU_PY) -m pytest -m gpu -q -rs; \
 	else \
 		echo "gpu-test: $(GPU_PY) has no torch with CUDA; running in $(VENV), where the GPU tests skip"; \
 		$(MAKE) --no-print-directory install && $(BIN)/python -m pytest -m gpu -q -rs; \
 	fi
+
+# For a GPU box without internet: the pure-Python test packages it may lack, as wheels; carry build/gpu-wheels
+# there and `make gpu-test` unpacks those it lacks into build/gpu-site (scripts/gpu_site.py).
+gpu-wheels: install
+	$(BIN)/python scripts/gpu_site.py download build/gpu-wheels
 
 # libsdrt, the C ABI (capi/sdrt.h): build/capi/libsdrt.so, sdrt.pc and the examples/c/txt2img example
 capi: install
