@@ -161,8 +161,9 @@ void sdrt_images_free(sdrt_image *images, int count);
 sdrt_status sdrt_image_save_png(const sdrt_image *image, const char *path, const char *parameters);
 
 /* Cancel: every sdrt_generate on ctx running or waiting when this is called returns
- * SDRT_ERR_CANCELLED after its current step; later calls are not affected.  Any thread, any time,
- * never blocks, async-signal-safe; ctx may be NULL (no-op). */
+ * SDRT_ERR_CANCELLED after its current step; later calls are not affected (a cancel before a generate
+ * starts does not reach it).  Any thread, any time until sdrt_context_close is called (not after: ctx is
+ * freed), never blocks, async-signal-safe; ctx may be NULL (no-op). */
 void sdrt_cancel(sdrt_context *ctx);
 
 /* ctx NULL: this thread's last error; otherwise ctx's last error (from any thread).  "" when the last

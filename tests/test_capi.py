@@ -117,9 +117,11 @@ def test_cancel_from_callback_and_from_another_thread_and_reentry(capi, tiny_eng
         cmd("gen", 0, cancel_at=2, scheduler="Euler", **{**FAST, "steps": 5}),
         cmd("gen", 0, thread_cancel_at=3, scheduler="Euler", **{**FAST, "steps": 5}),
         cmd("gen", 0, scheduler="Euler", **FAST),  # a cancel does not stick to later calls
-        cmd("gen", 0, scheduler="Euler", reenter_at=1, **FAST)])
+        cmd("gen", 0, scheduler="Euler", reenter_at=1, **FAST),
+        cmd("cancel", 0), cmd("gen", 0, scheduler="Euler", **FAST)])  # a cancel before a generate: not reached
     assert stderr == ""
-    callback, thread, after, reentered = results[1:]
+    callback, thread, after, reentered, _, precancelled = results[1:]
+    assert precancelled["status"] == OK and precancelled["steps"] == 2, precancelled
     assert reentered["status"] == OK and reentered["reenter_status"] == ERR_INPUT, reentered  # and no deadlock
     assert callback["status"] == ERR_CANCELLED and callback["steps"] == 2 and "step 2/5" in callback["error"]
     assert thread["status"] == ERR_CANCELLED and thread["steps"] == 3, thread

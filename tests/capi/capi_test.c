@@ -14,6 +14,7 @@
  *   cycles SLOT n=N [gen options]        (N generate/free cycles; RSS after N/10 and after N)
  *   save [image=F.ppm|NULL path=|NULL parameters=]
  *   close SLOT
+ *   cancel SLOT                          (sdrt_cancel with no generate running)
  *   nulls                                (NULL arguments everywhere)
  */
 #define _GNU_SOURCE
@@ -366,6 +367,7 @@ int main(int argc, char **argv) {
         else if (strcmp(cmd, "save") == 0) cmd_save(&o);
         else if (strcmp(cmd, "close") == 0) { sdrt_context_close(slots[slot]); slots[slot] = NULL;
                                               result("close", SDRT_OK, sdrt_last_error(NULL), NULL); }
+        else if (strcmp(cmd, "cancel") == 0) { sdrt_cancel(slots[slot]); result("cancel", SDRT_OK, "", NULL); }
         else if (strcmp(cmd, "nulls") == 0) cmd_nulls();
         else result("unknown command", (sdrt_status)-1, cmd, NULL);
     }
