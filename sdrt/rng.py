@@ -104,6 +104,17 @@ def _box_muller(u):
     return u
 
 
+def check_draw(shape, dtype) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape as a tuple, dtype, element count) of a ``randn`` request, or InputError (every generator)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise InputError(f"randn supports float32 and float16, not {dtype}")
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if any(operator.index(d) < 0 for d in shape):
+        raise InputError(f"randn shape must not have negative sizes, got {shape}")
+    return shape, dtype, math.prod(shape)
+
+
 class TorchGenerator:
     """Reproduces torch's CPU generator (mt19937): ``TorchGenerator(s).randn(shape)`` equals
     ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))`` bit for bit, and
@@ -136,13 +147,7 @@ class TorchGenerator:
     def randn(self, shape, dtype=np.float32) -> np.ndarray:
         """Standard normals of ``shape``, as ``torch.randn(shape, dtype=dtype, generator=...)``.
         dtype: float32 or float16."""
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float16):
-            raise InputError(f"randn supports float32 and float16, not {dtype}")
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if any(operator.index(d) < 0 for d in shape):
-            raise InputError(f"randn shape must not have negative sizes, got {shape}")
-        n = math.prod(shape)
+        shape, dtype, n = check_draw(shape, dtype)
         if n < 16:
             out = np.array([self._scalar_normal() for _ in range(n)], _F32)
         else:

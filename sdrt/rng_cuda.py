@@ -24,14 +24,13 @@ reproduced, nor draws over 2 GiB (which torch launches in 32-bit-indexable piece
 """
 
 import logging
-import math
 import operator
 from dataclasses import dataclass
 
 import numpy as np
 
 from sdrt.errors import InputError
-from sdrt.rng import TorchGenerator, _fma
+from sdrt.rng import TorchGenerator, _fma, check_draw
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +150,7 @@ class CudaGenerator:
     def randn(self, shape, dtype=np.float32) -> np.ndarray:
         """Standard normals of ``shape``, as ``torch.randn(shape, dtype=dtype, generator=..., device="cuda")``.
         dtype: float32 or float16."""
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float16):
-            raise InputError(f"randn supports float32 and float16, not {dtype}")
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if any(operator.index(d) < 0 for d in shape):
-            raise InputError(f"randn shape must not have negative sizes, got {shape}")
-        n = math.prod(shape)
+        shape, dtype, n = check_draw(shape, dtype)
         if (n - 1) * dtype.itemsize >= 2**31 - 1:
             raise InputError(f"draws over 2 GiB ({n} elements) are launched in pieces by torch; not reproduced")
         if n == 0:  # torch returns before touching the generator
