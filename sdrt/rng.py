@@ -104,6 +104,17 @@ def _box_muller(u):
     return u
 
 
+def check_seed(seed) -> int:
+    """A torch seed: any int in [-2**63, 2**64), negatives taken modulo 2**64; else InputError."""
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise InputError(f"seed must be an integer, got {seed!r}") from None
+    if not -2**63 <= seed < 2**64:
+        raise InputError(f"seed must be in [-2**63, 2**64 - 1] (as torch accepts), got {seed}")
+    return seed % 2**64
+
+
 def check_draw(shape, dtype) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape as a tuple, dtype, element count) of a ``randn`` request, or InputError (every generator)."""
     dtype = np.dtype(dtype)
@@ -126,13 +137,7 @@ class TorchGenerator:
     def manual_seed(self, seed) -> "TorchGenerator":
         """Reseed like ``torch.Generator.manual_seed``: any int in [-2**63, 2**64), negatives taken
         modulo 2**64; only the low 32 bits reach mt19937 (seeds equal mod 2**32 give equal noise)."""
-        try:
-            seed = operator.index(seed)
-        except TypeError:
-            raise InputError(f"seed must be an integer, got {seed!r}") from None
-        if not -2**63 <= seed < 2**64:
-            raise InputError(f"seed must be in [-2**63, 2**64 - 1] (as torch accepts), got {seed}")
-        self._seed = seed % 2**64
+        self._seed = check_seed(seed)
         self._mt = np.random.MT19937()
         self._mt.state = np.random.RandomState(self._seed & 0xFFFFFFFF).get_state(legacy=False)
         self._cached_normal = None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdrt.errors import InputError
-from sdrt.rng import TorchGenerator, _fma, check_draw
+from sdrt.rng import TorchGenerator, _fma, check_draw, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,6 @@ def box_muller(x, y, lanes=(True, True)):
                  for f, want in ((np.sin, lanes[0]), (np.cos, lanes[1])))
 
 
-def _check_seed(seed):
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise InputError(f"seed must be an integer, got {seed!r}") from None
-    if not -2**63 <= seed < 2**64:
-        raise InputError(f"seed must be in [-2**63, 2**64 - 1] (as torch accepts), got {seed}")
-    return seed % 2**64
-
-
 class CudaGenerator:
     """Reproduces torch's CUDA generator: ``CudaGenerator(s, sm_count=N).randn(shape)`` equals
     ``torch.randn(shape, generator=torch.Generator("cuda").manual_seed(s), device="cuda")`` on a GPU with
@@ -123,7 +113,7 @@ class CudaGenerator:
     def manual_seed(self, seed) -> "CudaGenerator":
         """Reseed like ``torch.Generator("cuda").manual_seed``: any int in [-2**63, 2**64) (negatives
         modulo 2**64; all 64 bits are the Philox key); the offset goes back to 0."""
-        self._seed = _check_seed(seed)
+        self._seed = check_seed(seed)
         self._offset = 0
         log.debug("CudaGenerator seeded with %d (%d SMs x %d threads)", self._seed, self.sm_count,
                   self.max_threads_per_sm)
