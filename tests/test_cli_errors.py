@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import sdrt.pipeline
+import sdrt.pipelines.base
 from sdrt.cli import main
 from sdrt.errors import (
     ArtifactError,
@@ -116,7 +117,7 @@ def _flip_bytes(path: Path) -> None:
 def _inject_nan(component: str, at_call: int):
     """An ``open_engine`` replacement whose ``component`` engine puts a NaN in its output on call ``at_call``
     (1-based); every call of that engine is counted in ``calls``."""
-    real_open = sdrt.pipeline.open_engine
+    real_open = sdrt.pipelines.base.open_engine
     calls = []
 
     def open_engine(manifest, name, *args, **kwargs):
@@ -275,7 +276,7 @@ def test_tampered_component_refused_before_onnxruntime(component, engine_copy, o
 
 def test_nan_in_unet_via_cli(tiny_engine_dir, out_dir, capsys, monkeypatch):
     fake_open, calls = _inject_nan("unet", at_call=2)
-    monkeypatch.setattr(sdrt.pipeline, "open_engine", fake_open)
+    monkeypatch.setattr(sdrt.pipelines.base, "open_engine", fake_open)
     line = _refused(capsys, _args("txt2img", tiny_engine_dir, out_dir, None, "--scheduler", "Euler"), out_dir,
                     "NaN", "latents", "step")
     assert len(calls) == 2, line  # stopped at the step that produced it
@@ -334,7 +335,7 @@ def test_api_tampered_unet(engine_copy):
 def test_api_nan_in_unet_names_stage_and_step(pipe, monkeypatch):
     fake_open, calls = _inject_nan("unet", at_call=2)
     monkeypatch.setattr(pipe, "_engines", {})  # reopen through the patched open_engine
-    monkeypatch.setattr(sdrt.pipeline, "open_engine", fake_open)
+    monkeypatch.setattr(sdrt.pipelines.base, "open_engine", fake_open)
     with pytest.raises(NumericsError) as info:
         pipe.txt2img("a cat", **{**FAST, "steps": 3, "scheduler": "Euler"})
     message = str(info.value)
@@ -352,7 +353,7 @@ def test_api_nan_step_is_counted_like_cancel(pipe, monkeypatch, step):
         pipe.txt2img("a cat", callback=lambda i, n, t, latents: i != step - 1, **options)
     fake_open, calls = _inject_nan("unet", at_call=step)
     monkeypatch.setattr(pipe, "_engines", {})
-    monkeypatch.setattr(sdrt.pipeline, "open_engine", fake_open)
+    monkeypatch.setattr(sdrt.pipelines.base, "open_engine", fake_open)
     seen = []
     with pytest.raises(NumericsError) as nan:
         pipe.txt2img("a cat", callback=lambda i, n, t, latents: seen.append(i), **options)
@@ -364,7 +365,7 @@ def test_api_nan_step_is_counted_like_cancel(pipe, monkeypatch, step):
 def test_api_nan_in_vae_decoder(pipe, monkeypatch):
     fake_open, calls = _inject_nan("vae_decoder", at_call=1)
     monkeypatch.setattr(pipe, "_engines", {})
-    monkeypatch.setattr(sdrt.pipeline, "open_engine", fake_open)
+    monkeypatch.setattr(sdrt.pipelines.base, "open_engine", fake_open)
     with pytest.raises(NumericsError, match=r"decoded image \(vae_decoder\)") as info:
         pipe.txt2img("a cat", **FAST)
     assert "decoded image" in str(info.value)

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import sdrt.pipeline
+import sdrt.pipelines.base
 from sdrt.cli import main
 
 BLOCKED = ("torch", "onnx", "diffusers", "transformers", "onnxscript", "polygraphy", "onnx_graphsurgeon", "scipy")
@@ -105,7 +106,7 @@ def test_runtime_imports_and_runs_without_build_side_packages(tiny_engine_dir, t
     result = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
     assert result["asked_by_sdrt"] == [], result["asked_by_sdrt"]
     assert result["loaded"] == []
-    for module in ("sdrt.cli", "sdrt.pipeline", "sdrt.generate_cli", "sdrt.backends.ort", "sdrt.images",
+    for module in ("sdrt.cli", "sdrt.pipeline", "sdrt.pipelines.stable_diffusion", "sdrt.generate_cli", "sdrt.backends.ort", "sdrt.images",
                    "sdrt.schedulers.euler_ancestral", "sdrt.tokenizer", "sdrt.rng"):
         assert module in result["modules"]
     assert result["codes"] == {"txt2img": 0, "img2img": 0, "inpaint": 0}, proc.stderr[-4000:]
@@ -162,7 +163,7 @@ def test_batch_writes_numbered_files(tiny_engine_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_json_timings(steps, tiny_engine_dir, tmp_path, capsys, monkeypatch):
-    real_open, unet_calls = sdrt.pipeline.open_engine, []
+    real_open, unet_calls = sdrt.pipelines.base.open_engine, []
 
     def counting_open(manifest, name, *args, **kwargs):
         engine = real_open(manifest, name, *args, **kwargs)
@@ -170,7 +171,7 @@ def test_json_timings(steps, tiny_engine_dir, tmp_path, capsys, monkeypatch):
             return engine
         return lambda feeds: (unet_calls.append(1), engine(feeds))[1]
 
-    monkeypatch.setattr(sdrt.pipeline, "open_engine", counting_open)
+    monkeypatch.setattr(sdrt.pipelines.base, "open_engine", counting_open)
     out = tmp_path / "cat.png"
     assert main(_args("txt2img", tiny_engine_dir, out, "--steps", str(steps), "--seed", "5", "--json")) == 0
     captured = capsys.readouterr()
