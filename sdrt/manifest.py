@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sdrt.errors import ArtifactError
 from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS, ModelDims, ModelSpecs, SizeRange, build_specs
+from sdrt.specs_kandinsky import CONSTANTS_KEY, KANDINSKY_COMPONENTS
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -102,6 +103,21 @@ class Manifest:
 
     def has(self, component: str) -> bool:
         return component in self.data["components"]
+
+    def constant(self, name: str):
+        """A constant array the exporter computed (Kandinsky's negative_image_embeds, clip_mean, clip_std),
+        float32, after checking its file against the manifest."""
+        import numpy as np
+
+        record = self.data.get(CONSTANTS_KEY, {}).get(name)
+        if not record:
+            raise ArtifactError(f"{self.root} has no constant {name} in its manifest; re-run `sdrt export --force`")
+        self.check_file(record)
+        try:
+            return np.load(self.root / record["path"], allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read {self.root / record['path']} ({exc}); re-run `sdrt export --force`") \
+                from None
 
     def component(self, name: str) -> dict:
         try:
@@ -218,11 +234,14 @@ def _validate(data: dict) -> None:
                 not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
             raise ValueError(f"vae.{key} must be a finite number, got {value!r}")
     for name, entry in _section(data, "components").items():
-        if name not in COMPONENTS + OPTIONAL_COMPONENTS or not isinstance(entry, dict) or not entry.get("files") \
+        if name not in COMPONENTS + OPTIONAL_COMPONENTS + KANDINSKY_COMPONENTS or not isinstance(entry, dict) \
+                or not entry.get("files") \
                 or not isinstance(entry["files"], list):
             raise ValueError(f"bad component entry {name!r}")
         for record in entry["files"]:
             _validate_file(record, f"component {name}")
+    for name, record in data.get(CONSTANTS_KEY, {}).items():
+        _validate_file(record, f"constant {name}")
     _validate_engines(data.get(ENGINES_KEY, {}))
 
 

@@ -46,6 +46,10 @@ class ModelDims:
     text_embeds_dim: int | None = None  # SDXL: its pooled, projected output (UNet text_embeds)
     time_ids_dim: int | None = None  # SDXL: micro-conditioning numbers (UNet time_ids): 6
     tiny_vae_latent_channels: int | None = None  # set when the artifact holds a tiny VAE (TAESD)
+    # Kandinsky 2.2 (family "kandinsky22", sdrt/specs_kandinsky.py); None for the SD families.
+    image_embed_dim: int | None = None  # CLIP image embedding width D (prior latents, UNet image_embeds): 1280
+    unet_out_channels: int | None = None  # decoder UNet output: 8 (eps + learned variance)
+    image_encoder_size: int | None = None  # CLIPVisionModelWithProjection input side: 224
 
     @property
     def has_text_encoder_2(self) -> bool:
@@ -203,6 +207,10 @@ def _text_encoders(dims: ModelDims, s: int) -> list[ComponentSpec]:
 
 def build_specs(dims: ModelDims) -> ModelSpecs:
     """Build every component spec from the model's dimensions."""
+    if dims.family == "kandinsky22":  # two stages, other components: sdrt/specs_kandinsky.py
+        from sdrt.specs_kandinsky import build_kandinsky_specs
+
+        return build_kandinsky_specs(dims)
     s = dims.vae_scale_factor
     unet_inputs = [
         TensorSpec("sample", "float32", (BATCH, dims.unet_in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
