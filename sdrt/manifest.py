@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt.errors import ArtifactError
-from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS, ModelDims, ModelSpecs, SizeRange, build_specs
+from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS, ModelDims, ModelSpecs, SizeRange, build_specs, \
+    control_components
 from sdrt.specs_kandinsky import CONSTANTS_KEY, KANDINSKY_COMPONENTS
 
 FORMAT_VERSION = 1
@@ -219,7 +220,8 @@ def _section(data: dict, key: str) -> dict:
 def _validate(data: dict) -> None:
     """Types of everything the runtime reads later, so a bad manifest fails here and not mid-generation."""
     for key, value in _section(data, "dims").items():
-        if key in ModelDims.__dataclass_fields__ and key != "family" and value is not None and (
+        if key in ModelDims.__dataclass_fields__ and key not in ("family", "control_residuals") \
+                and value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"dims.{key} must be a positive integer, got {value!r}")
     _section(data, "sizes")
@@ -234,7 +236,8 @@ def _validate(data: dict) -> None:
                 not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
             raise ValueError(f"vae.{key} must be a finite number, got {value!r}")
     for name, entry in _section(data, "components").items():
-        if name not in COMPONENTS + OPTIONAL_COMPONENTS + KANDINSKY_COMPONENTS or not isinstance(entry, dict) \
+        if name not in COMPONENTS + OPTIONAL_COMPONENTS + KANDINSKY_COMPONENTS + control_components(data["dims"]) \
+                or not isinstance(entry, dict) \
                 or not entry.get("files") \
                 or not isinstance(entry["files"], list):
             raise ValueError(f"bad component entry {name!r}")

@@ -24,6 +24,8 @@ TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER = "text_encoder", "unet", "vae_deco
 TEXT_ENCODER_2 = "text_encoder_2"
 # TAESD (diffusers' AutoencoderTiny), exported beside the full VAE by ``sdrt export --tiny-vae``
 TINY_VAE_DECODER, TINY_VAE_ENCODER = "tiny_vae_decoder", "tiny_vae_encoder"
+# ControlNet (``sdrt export --controlnet``): one ``controlnet_<k>`` per net, and the UNet taking their residuals
+CONTROLNET_PREFIX, UNET_CONTROL = "controlnet_", "unet_control"
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)  # every model has these
 OPTIONAL_COMPONENTS = (TEXT_ENCODER_2, TINY_VAE_DECODER, TINY_VAE_ENCODER)  # SDXL's second text encoder; TAESD
 
@@ -46,6 +48,9 @@ class ModelDims:
     text_embeds_dim: int | None = None  # SDXL: its pooled, projected output (UNet text_embeds)
     time_ids_dim: int | None = None  # SDXL: micro-conditioning numbers (UNet time_ids): 6
     tiny_vae_latent_channels: int | None = None  # set when the artifact holds a tiny VAE (TAESD)
+    controlnets: int | None = None  # how many ControlNets the artifact holds (``controlnet_0`` ...)
+    # (channels, downsamplings) of each UNet down-block residual, then the mid block's (12 + 1 for SD1.x/2.x)
+    control_residuals: tuple | None = None
     # Kandinsky 2.2 (family "kandinsky22", sdrt/specs_kandinsky.py); None for the SD families.
     image_embed_dim: int | None = None  # CLIP image embedding width D (prior latents, UNet image_embeds): 1280
     unet_out_channels: int | None = None  # decoder UNet output: 8 (eps + learned variance)
@@ -62,6 +67,8 @@ class ModelDims:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelDims":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("control_residuals") is not None:
+            known["control_residuals"] = tuple((int(c), int(n)) for c, n in known["control_residuals"])
         return cls(**known)
 
 
@@ -107,16 +114,31 @@ class SizeRange:
             raise InputError(f"batch {batch} is outside this artifact's range 1..{self.max_batch}")
 
 
+def down_axis(axis: str, level: int) -> str:
+    """A latent axis after ``level`` stride-2 convolutions (kernel 3, padding 1): ceil(n / 2**level)."""
+    return axis if level == 0 else f"{axis}/{2 ** level}"
+
+
+def axis_value(dim, values: dict) -> int:
+    """The size of one dim: an int, a name in ``values``, or a ``down_axis`` of one."""
+    if not isinstance(dim, str):
+        return int(dim)
+    if dim in values:
+        return values[dim]
+    base, _, divisor = dim.partition("/")
+    return -(-values[base] // int(divisor))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32", "float16", "int32", ...
-    dims: tuple  # ints (static) or names from DYNAMIC_AXES
+    dims: tuple  # ints (static), names from DYNAMIC_AXES, or ``down_axis`` names of the latent axes
 
     def shape(self, batch: int, height: int, width: int, scale: int = 8) -> tuple[int, ...]:
         values = {BATCH: batch, HEIGHT: height, WIDTH: width,
                   LATENT_HEIGHT: height // scale, LATENT_WIDTH: width // scale}
-        return tuple(values[d] if isinstance(d, str) else int(d) for d in self.dims)
+        return tuple(axis_value(d, values) for d in self.dims)
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -165,7 +187,7 @@ class ComponentSpec:
                 sizes.setdefault(pixel, sizes[latent] * self.scale)
             elif pixel in sizes:
                 sizes[latent] = sizes[pixel] // self.scale
-        return {t.name: tuple(sizes[d] if isinstance(d, str) else int(d) for d in t.dims) for t in self.outputs}
+        return {t.name: tuple(axis_value(d, sizes) for d in t.dims) for t in self.outputs}
 
     def profile(self, sizes: SizeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
         """min/opt/max shape of every input, for a TensorRT optimization profile."""
@@ -245,7 +267,42 @@ def build_specs(dims: ModelDims) -> ModelSpecs:
         scale=s,
     )
     return ModelSpecs(dims, {c.name: c for c in (*_text_encoders(dims, s), unet, decoder, encoder,
-                                                 *_tiny_vae(dims, s))})
+                                                 *_tiny_vae(dims, s), *_controlnets(dims, unet))})
+
+
+def control_residuals(dims: ModelDims) -> tuple[TensorSpec, ...]:
+    """diffusers' ``ControlNetModel`` outputs (``down_block_res_samples``, ``mid_block_res_sample``), which the
+    UNet takes as ``down_block_additional_residuals`` / ``mid_block_additional_residual``; one name each."""
+    *down, mid = dims.control_residuals or ()
+    names = [f"down_block_res_sample_{i}" for i in range(len(down))] + ["mid_block_res_sample"]
+    return tuple(TensorSpec(name, "float32", (BATCH, c, down_axis(LATENT_HEIGHT, n), down_axis(LATENT_WIDTH, n)))
+                 for name, (c, n) in zip(names, (*down, mid)))
+
+
+def controlnet_name(index: int) -> str:
+    return f"{CONTROLNET_PREFIX}{index}"
+
+
+def control_components(dims: dict) -> tuple[str, ...]:
+    """The ControlNet component names a manifest's ``dims`` section allows."""
+    count = dims.get("controlnets") or 0
+    return (*(controlnet_name(k) for k in range(count)), UNET_CONTROL) if count else ()
+
+
+def _controlnets(dims: ModelDims, unet: ComponentSpec) -> list[ComponentSpec]:
+    """``controlnet_<k>`` (``ControlNetModel.forward``; ``conditioning_scale`` holds one factor per residual, so
+    guess mode's logspace weights are an input too) and ``unet_control``: the UNet plus every residual."""
+    if not dims.controlnets:
+        return []
+    residuals = control_residuals(dims)
+    sample = TensorSpec("sample", "float32", (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH))
+    inputs = (sample, *unet.inputs[1:3],
+              TensorSpec("controlnet_cond", "float32", (BATCH, dims.image_channels, HEIGHT, WIDTH)),
+              TensorSpec("conditioning_scale", "float32", (len(residuals),)),
+              *(t for t in unet.inputs if t.name in ("text_embeds", "time_ids")))
+    nets = [ComponentSpec(controlnet_name(k), inputs, residuals, batch_factor=2, scale=unet.scale)
+            for k in range(dims.controlnets)]
+    return nets + [ComponentSpec(UNET_CONTROL, unet.inputs + residuals, unet.outputs, batch_factor=2, scale=unet.scale)]
 
 
 def _tiny_vae(dims: ModelDims, s: int) -> list[ComponentSpec]:
