@@ -29,6 +29,11 @@ CLASSES = {
     "DDPMScheduler": ("ddpm", "DDPM"),
     "LCMScheduler": ("lcm", "LCM"),
 }
+# schedulers with one fixed beta schedule of their own, for models other than the image UNet (Kandinsky's prior):
+# from_config builds them from their configs and names, but the SD-config suites over CLASSES do not run them
+OWN_SCHEDULE_CLASSES = {
+    "UnCLIPScheduler": ("unclip", "UnCLIP"),
+}
 
 # names people type (A1111 and short forms) -> (diffusers class, config overrides)
 ALIASES = {
@@ -55,15 +60,16 @@ def _key(name: str) -> str:
     return key[: -len("scheduler")] if key.endswith("scheduler") else key
 
 
-_LOOKUP = {_key(n): (n, {}) for n in CLASSES} | {_key(n): v for n, v in ALIASES.items()}
-_LOOKUP |= {_key(n.replace("Scheduler", "")): (n, {}) for n in CLASSES}
+_ALL = {**CLASSES, **OWN_SCHEDULE_CLASSES}
+_LOOKUP = {_key(n): (n, {}) for n in _ALL} | {_key(n): v for n, v in ALIASES.items()}
+_LOOKUP |= {_key(n.replace("Scheduler", "")): (n, {}) for n in _ALL}
 _LOOKUP |= {"eulerancestral": ALIASES["Euler a"], "dpmpp2m": ALIASES["DPM++ 2M"],
             "dpmpp2mkarras": ALIASES["DPM++ 2M Karras"], "dpmsolver": ALIASES["DPM++ 2M"]}
 
 
 def known_names() -> list[str]:
     """Every name ``from_config`` accepts, for error messages and ``--help``."""
-    return list(ALIASES) + list(CLASSES)
+    return list(ALIASES) + list(CLASSES) + list(OWN_SCHEDULE_CLASSES)
 
 
 def resolve(name: str) -> tuple[str, dict]:
@@ -77,11 +83,11 @@ def resolve(name: str) -> tuple[str, dict]:
 
 
 def scheduler_class(class_name: str) -> type[Scheduler]:
-    if class_name not in CLASSES:
+    if class_name not in _ALL:
         raise SchedulerNameError(
             f"scheduler class {class_name!r} is not supported; known: {', '.join(known_names())}"
         )
-    module, attr = CLASSES[class_name]
+    module, attr = _ALL[class_name]
     return getattr(importlib.import_module(f"sdrt.schedulers.{module}"), attr)
 
 
@@ -102,5 +108,5 @@ def from_config(source: dict | str | Path, name: str | None = None) -> Scheduler
     return cls(config)
 
 
-__all__ = ["Scheduler", "SchedulerConfig", "StepOutput", "from_config", "img2img_start",
+__all__ = ["CLASSES", "OWN_SCHEDULE_CLASSES", "Scheduler", "SchedulerConfig", "StepOutput", "from_config", "img2img_start",
            "known_names", "resolve", "scheduler_class"]
