@@ -29,7 +29,7 @@ from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, 
 from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manifest, sha256_file, write_json_atomic
 from sdrt.progress import progress_bar
 from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build_specs
-from sdrt_export import fp16, graph, tiny_vae
+from sdrt_export import controlnet, fp16, graph, tiny_vae
 from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
 from sdrt_export.wrappers import SDXL_PIPELINES, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
     unet_up_factor
@@ -124,7 +124,7 @@ def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: Si
             if precision == "fp16":  # clean the fp32 graph, then convert it (see fp16.py)
                 clean = graph.clean_up(raw_dir / f"{spec.name}.onnx", raw_dir / "clean.onnx")
                 files, extra = fp16.convert(raw_dir / clean[0], work / f"{spec.name}.onnx",
-                                            fp16.islands_for(spec.name, model_dir))
+                                            fp16.islands_for(controlnet.island_policy(spec.name), model_dir))
             else:
                 files = graph.clean_up(raw_dir / f"{spec.name}.onnx", work / f"{spec.name}.onnx")
             graph.check_model(work / files[0])
@@ -227,9 +227,10 @@ def _check_scheduler(config: dict) -> None:
 
 
 def export_model(model, out, sizes: SizeRange | None = None, opset: int | None = None, force: bool = False,
-                 progress: bool = True, precision: str = "fp32", tiny_vae_dir=None) -> dict:
+                 progress: bool = True, precision: str = "fp32", tiny_vae_dir=None, controlnet_dirs=()) -> dict:
     """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
-    with fp32 islands), with the AutoencoderTiny in ``tiny_vae_dir`` too if given; return a JSON-able summary."""
+    with fp32 islands), with the AutoencoderTiny in ``tiny_vae_dir`` too if given, and each ControlNet folder in
+    ``controlnet_dirs`` (``controlnet.py``); return a JSON-able summary."""
     start = time.perf_counter()
     sizes = sizes or SizeRange()
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -243,6 +244,9 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
     if tiny_vae_dir is not None:  # TAESD's decoder and encoder become two more components
         tiny = tiny_vae.validate_tiny_vae_dir(tiny_vae_dir, dims)
         dims = replace(dims, tiny_vae_latent_channels=dims.latent_channels)
+    controls = controlnet.validate_controlnet_dirs(controlnet_dirs, model_dir, dims) if controlnet_dirs else []
+    if controls:  # one controlnet_<k> per folder, and unet_control (the UNet taking their residuals)
+        dims = controlnet.with_controlnets(dims, model_dir, len(controls))
     # everything the manifest needs from the model folder is read now, not after minutes of export
     scheduler = read_json(model_dir / "scheduler" / "scheduler_config.json")
     _check_scheduler(scheduler)
@@ -270,6 +274,8 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                 bar.set_postfix_str(spec.name)
                 load = partial(tiny_vae.load_tiny_component, tiny[0]) \
                     if spec.name in tiny_vae.TINY_VAE_COMPONENTS else None
+                if controlnet.is_control_component(spec.name):
+                    load = partial(controlnet.load_control_component, model_dir, controls, dims)
                 result = export_component(model_dir, spec, work, sizes, opset,
                                           component_precision(spec.name, precision, force_upcast), load)
                 components[spec.name] = result
@@ -280,6 +286,8 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         hashed = time.perf_counter()
         source_sha = hash_folder(model_dir)
         tiny_section = {"tiny_vae": tiny_vae.manifest_section(*tiny, hash_folder(tiny[0]))} if tiny else {}
+        if controls:
+            tiny_section["controlnets"] = controlnet.manifest_section(controls, hash_folder)
         timings["source_hash"] = round(time.perf_counter() - hashed, 2)
         manifest = {
             "format_version": FORMAT_VERSION,
