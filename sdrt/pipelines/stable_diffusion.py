@@ -19,6 +19,7 @@ import numpy as np
 from sdrt import schedulers
 from sdrt.arrays import check_finite, to_host
 from sdrt.conditioning import TextConditioner, uses_text_cfg
+from sdrt.controlnet import Control, parse_control
 from sdrt.errors import InputError
 from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
@@ -27,7 +28,7 @@ from sdrt.pipelines.loop import denoise
 from sdrt.rng import GeneratorList, TorchGenerator, random_seed
 from sdrt.rng_cuda import RngSpec, parse_rng
 from sdrt.schedulers.common import astype
-from sdrt.specs import TINY_VAE_DECODER, TINY_VAE_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelDims
+from sdrt.specs import TINY_VAE_DECODER, TINY_VAE_ENCODER, UNET, UNET_CONTROL, VAE_DECODER, VAE_ENCODER, ModelDims
 from sdrt.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,14 @@ class StableDiffusionPipeline(BasePipeline):
 
     def _generate(self, mode, prompt, *, negative_prompt="", steps=30, guidance=7.5, seed=None, width=None,
                   height=None, scheduler=None, batch=1, callback: StepCallback | None = None, image=None,
-                  mask=None, strength=1.0, vae="full", rng="cpu") -> Result:
+                  mask=None, strength=1.0, vae="full", rng="cpu", control_images=None, control_scales=1.0,
+                  control_start=0.0, control_end=1.0, guess_mode=False) -> Result:
         """``rng``: whose generator ``seed`` reproduces: ``cpu`` (``torch.Generator("cpu")``, default) or
-        ``cuda[:GPU]`` (``torch.Generator("cuda")`` on that GPU; see ``sdrt.rng_cuda.parse_rng``)."""
+        ``cuda[:GPU]`` (``torch.Generator("cuda")`` on that GPU; see ``sdrt.rng_cuda.parse_rng``).
+        ``control_images`` (one per exported ControlNet) and the other ``control_*``/``guess_mode``: see
+        ``sdrt.controlnet``."""
         timings, m = Timings(), self.manifest
+        control = parse_control(m, control_images, control_scales, control_start, control_end, guess_mode)
         rng = rng if isinstance(rng, RngSpec) else parse_rng(rng)
         vae_parts = self._vae_choice(vae)
         guidance = check_guidance(guidance)
@@ -133,8 +138,10 @@ class StableDiffusionPipeline(BasePipeline):
                 mode, image, mask, width, height, shape, strength, timesteps[0], sched, generator, cfg, timings,
                 vae_parts)
 
+        if control is not None:
+            control = Control(control, self.dims, self.engine, self.xp, batch, cfg, width, height, len(timesteps))
         latents = self._denoise(mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator,
-                                callback, timings)
+                                callback, timings, control)
         decoder, _, scaling = vae_parts
         with timings("vae_decode"):
             decoded = self.engine(decoder)({"latent": latents / float(np.float32(scaling))})
@@ -144,7 +151,7 @@ class StableDiffusionPipeline(BasePipeline):
         params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
                   "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength, "vae": vae,
-                  "rng": rng.name}
+                  "rng": rng.name, **(control.request.parameters() if control is not None else {})}
         return Result(to_uint8(unit), unit, seeds[0], timings.summary(), params, seeds)
 
     def _vae_choice(self, vae) -> tuple[str, str, float]:
@@ -162,7 +169,7 @@ class StableDiffusionPipeline(BasePipeline):
         return TINY_VAE_DECODER, TINY_VAE_ENCODER, float(section.get("scaling_factor") or 1.0)
 
     def _denoise(self, mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator, callback,
-                 timings):
+                 timings, control=None):
         """The shared loop (``loop.denoise``) in ``self.xp``: host inputs are copied in once, the final latents
         stay there."""
         xp, batch, channels = self.xp, latents.shape[0], latents.shape[1]
@@ -179,8 +186,10 @@ class StableDiffusionPipeline(BasePipeline):
             for half in range(0, rows, batch):
                 sample[half:half + batch, :channels, ...] = scaled
             feeds["timestep"] = timestep_rows[i, ...]
+            residuals = control.residuals(i, feeds) if control is not None else None  # ControlNets' sum
             with timings("unet"):
-                noise_pred = unet(feeds)["out_sample"]
+                out = self.engine(UNET_CONTROL)({**feeds, **residuals}) if residuals else unet(feeds)
+                noise_pred = out["out_sample"]
             return guide(noise_pred, guidance) if cfg else noise_pred
 
         # LCMScheduler's last step returns its denoised x0 as prev_sample, so decoding the final latents
