@@ -14,7 +14,7 @@ import time
 from fastapi import APIRouter, Request
 
 from sdrt.serve import a1111_fields as fields
-from sdrt.serve import inpaint, limits, sync
+from sdrt.serve import extras, inpaint, limits, sync
 from sdrt.serve.errors import ApiError
 from sdrt.serve.executor import GenRequest, decode_png, encode_png
 from sdrt.serve.jobs import INTERRUPT, RUNNING, SKIP
@@ -65,7 +65,8 @@ def build(payload: dict, state, mode: str) -> tuple[GenRequest, dict, object]:
                steps=get(payload, "steps", int, 50), guidance=cfg_scale,
                seeds=fields.seeds_for(get(payload, "seed", int, -1), count), width=width, height=height,
                scheduler=sched, batch_size=batch_size, sampler_label=label or info.get("scheduler"),
-               infotext_extra=tuple(extra.items()), strength=None, image_png=None, mask_png=None)
+               infotext_extra=tuple(extra.items()), strength=None, image_png=None, mask_png=None,
+               rng=extras.a1111_rng(payload, getattr(state, "a1111_randn_source", None)))
     prepared = None
     if mode == "img2img":
         gen["strength"] = get(payload, "denoising_strength", float, 0.75)
@@ -202,13 +203,20 @@ async def sd_models(request: Request):
 
 @router.get("/options")
 async def get_options(request: Request):
-    return {"sd_model_checkpoint": _state(request).info["name"], "samples_format": "png",
-            "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
+    state = _state(request)
+    return {"sd_model_checkpoint": state.info["name"], "samples_format": "png", "CLIP_stop_at_last_layers": 1,
+            "eta_noise_seed_delta": 0, "randn_source": state.a1111_randn_source or extras.DEFAULT_RANDN_SOURCE}
 
 
 @router.post("/options")
 async def set_options(request: Request):
-    fields.refuse_overrides(await sync.read_json(request), _state(request).info["name"])
+    """``sd_model_checkpoint`` naming the loaded artifact; ``randn_source`` (CPU/GPU/NV) becomes the default of
+    the A1111 endpoints' requests, as A1111's global option."""
+    state, payload = _state(request), await sync.read_json(request)
+    fields.refuse_overrides(payload, state.info["name"])
+    if isinstance(payload, dict) and payload.get("randn_source") is not None:
+        extras.randn_source(payload["randn_source"])
+        state.a1111_randn_source = payload["randn_source"].strip().upper()
     return {}
 
 

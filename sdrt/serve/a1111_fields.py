@@ -145,6 +145,8 @@ def refuse_overrides(overrides, model_name: str) -> None:
     if not isinstance(overrides, dict):
         raise ApiError(400, "override_settings: expected an object")
     for key, value in overrides.items():
+        if key == "randn_source":  # checked and used by extras.a1111_rng / POST /options
+            continue
         if key == "sd_model_checkpoint":
             if not names_model(value, model_name):
                 raise ApiError(400, f"override_settings.sd_model_checkpoint: {value!r} is not the loaded model "

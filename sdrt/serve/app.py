@@ -64,6 +64,7 @@ class ServeState:
                               store=options.store, metrics=self.metrics)
         self.started = time.time()
         self.a1111_model = executor.manifest_info.get("name")
+        self.a1111_randn_source: str | None = None  # POST /sdapi/v1/options randn_source (CPU/GPU/NV)
         self.closed = False
 
     @property

@@ -51,6 +51,7 @@ class GenRequest:
     sampler_label: str | None = None  # the name written into the infotext ("Euler a"); None: ``scheduler``
     infotext_extra: tuple[tuple[str, str], ...] = ()  # more "Key: value" fields for the infotext
     vae: str = "full"  # "tiny": the TAESD `sdrt export --tiny-vae` added (Pipeline's vae=)
+    rng: str = "cpu"  # whose generator the seeds reproduce (Pipeline's rng=; sdrt.rng_cuda.parse_rng names)
 
     @property
     def count(self) -> int:
@@ -128,7 +129,9 @@ def infotext(req: GenRequest, seed: int, width: int, height: int) -> str:
     """A1111's infotext for image ``seed`` of ``req``."""
     from sdrt.images import a1111_parameters
 
-    extra = dict(req.infotext_extra)
+    from sdrt.generate_cli import rng_infotext
+
+    extra = dict(req.infotext_extra) | rng_infotext(req.rng)
     if req.mode != "txt2img" and req.strength is not None:
         extra.setdefault("Denoising strength", req.strength)
     sampler = req.sampler_label or req.scheduler or "default"
@@ -177,7 +180,7 @@ def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenRe
             result = getattr(pipe, req.mode)(
                 prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance,
                 seed=run, width=req.width, height=req.height, scheduler=req.scheduler, batch=len(run),
-                callback=callback, vae=req.vae, **extra)
+                callback=callback, vae=req.vae, **pipeline_options(req), **extra)
             pixels_out = result.images
             for stage, value in result.timings.items():
                 value = sum(value) if isinstance(value, list) else value
@@ -200,6 +203,12 @@ def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenRe
     if not images:
         raise Cancelled("interrupted before any image")
     return GenResult(images, infotexts, seeds, int(width), int(height), timings, replica)
+
+
+def pipeline_options(req: GenRequest) -> dict:
+    """The Pipeline keyword arguments of ``req``'s optional fields, only those set (a family's pipeline
+    need not take the others)."""
+    return {"rng": req.rng} if req.rng != "cpu" else {}
 
 
 def decode_latents(pipe, latents):

@@ -13,7 +13,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from sdrt.serve import limits, sync
+from sdrt.serve import extras, limits, sync
 from sdrt.serve.a1111_fields import seeds_for
 from sdrt.serve.errors import ApiError
 from sdrt.serve.executor import GenRequest, encode_png
@@ -47,7 +47,7 @@ def build(body: JobIn, info: dict, options) -> GenRequest:
     req = GenRequest(mode=body.mode, prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                      guidance=float(body.guidance), seeds=seeds_for(body.seed, body.batch), width=body.width,
                      height=body.height, scheduler=body.scheduler, strength=strength, image_png=image_png,
-                     mask_png=mask_png, vae=body.vae)
+                     mask_png=mask_png, vae=body.vae, rng=extras.rng_name(body.rng))
     return limits.check_request(req, info, options)
 
 

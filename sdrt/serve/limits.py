@@ -111,6 +111,10 @@ def check_request(req: GenRequest, info: dict, options) -> GenRequest:
             schedulers.resolve(req.scheduler)
         except SchedulerNameError as exc:
             raise ApiError(400, f"scheduler: {exc}") from None
+    if req.rng != "cpu":
+        from sdrt.serve.extras import rng_name
+
+        rng_name(req.rng)
     for seed in req.seeds:
         if not -2**63 <= seed < 2**64:
             raise ApiError(400, f"seed: {seed} is outside [-2**63, 2**64 - 1]")

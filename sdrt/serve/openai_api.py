@@ -9,7 +9,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from sdrt.serve import limits, sync
+from sdrt.serve import extras, limits, sync
 from sdrt.serve.a1111_fields import seeds_for
 from sdrt.serve.errors import ApiError
 from sdrt.serve.executor import GenRequest
@@ -45,7 +45,7 @@ def build(body: OpenAIImagesIn, info: dict, options) -> GenRequest:
     req = GenRequest(mode="txt2img", prompt=limits.check_text(body.prompt, "prompt", options.max_prompt_chars),
                      negative_prompt=body.negative_prompt, steps=body.steps, guidance=float(body.guidance),
                      seeds=seeds_for(body.seed, n), width=width, height=height, scheduler=body.scheduler,
-                     strength=None, image_png=None, mask_png=None)
+                     strength=None, image_png=None, mask_png=None, rng=extras.rng_name(body.rng))
     try:
         return limits.check_request(req, info, options)
     except ApiError as exc:  # name the field the client sent

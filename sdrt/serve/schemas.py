@@ -30,6 +30,7 @@ class JobIn(BaseModel):
     image: StrictStr | None = None  # base64 or data: URL
     mask: StrictStr | None = None
     vae: Literal["full", "tiny"] = "full"  # tiny: the TAESD `sdrt export --tiny-vae` added
+    rng: StrictStr | None = None  # cpu (default), cuda, cuda:GPU: whose generator the seed reproduces
 
 
 class OpenAIImagesIn(BaseModel):
@@ -55,6 +56,7 @@ class OpenAIImagesIn(BaseModel):
     guidance: Number = 7.5
     seed: StrictInt | None = None
     scheduler: StrictStr | None = None
+    rng: StrictStr | None = None
     stream: StrictBool | None = None
     partial_images: StrictInt | None = None
 

@@ -1,0 +1,143 @@
+"""sdrt serve's request fields beyond the first API version (sdrt/serve/extras.py), on an in-process server:
+``rng`` in the jobs API, the OpenAI endpoint and the A1111 endpoints (A1111's ``randn_source`` too), each
+giving the Python API's pixels for the same request; bad values are 4xx JSON naming the field."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from sdrt.pipeline import Pipeline
+from tests.serve_fixtures import PROMPT, ThreadServer, pixels, png_text, wait_until
+
+pytest.importorskip("fastapi")
+
+FAST = {"steps": 3, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine_dir):
+    from sdrt.serve.executor import LocalExecutor
+
+    executor = LocalExecutor(str(tiny_engine_dir), threads=1)
+    executor.warm_up()
+    srv = ThreadServer(executor)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_engine_dir):
+    return Pipeline(tiny_engine_dir, threads=1)
+
+
+def job_images(client, body: dict) -> list[bytes]:
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    status = wait_until(lambda: (s := client.get(f"/v1/jobs/{job_id}").json())["state"] in
+                        ("succeeded", "failed", "cancelled") and s, 120, 0.05, "job end")
+    assert status["state"] == "succeeded", status
+    return [client.get(url).content for url in status["image_urls"]]
+
+
+def test_jobs_rng_cuda_equals_pipeline(client, pipe):
+    """rng=cuda gives Pipeline(rng="cuda")'s pixels (ancestral sampler: every step draws from the generator),
+    differs from the CPU generator's image, and the PNG records A1111's RNG: NV."""
+    body = {"prompt": PROMPT, "seed": 5, "scheduler": "Euler a", "batch": 2, **FAST}
+    cuda = job_images(client, {**body, "rng": "cuda"})
+    expected = pipe.txt2img(PROMPT, seed=[5, 6], batch=2, scheduler="Euler a", rng="cuda", **FAST).images
+    for png, image in zip(cuda, expected, strict=True):
+        np.testing.assert_array_equal(pixels(png), image)
+    cpu = job_images(client, {**body, "batch": 1})
+    np.testing.assert_array_equal(pixels(cpu[0]), pipe.txt2img(PROMPT, seed=5, scheduler="Euler a", **FAST).images[0])
+    assert not np.array_equal(pixels(cpu[0]), pixels(cuda[0]))
+    assert "RNG: NV" in png_text(cuda[0]) and "sdrt RNG: cuda:h100" in png_text(cuda[0])
+    assert "RNG" not in png_text(cpu[0])
+    a100 = job_images(client, {**body, "batch": 1, "rng": "CUDA:A100"})  # any spelling parse_rng takes
+    np.testing.assert_array_equal(pixels(a100[0]), expected[0])  # 64x64 latents: below every GPU's T_max
+    assert "sdrt RNG: cuda:a100" in png_text(a100[0])
+
+
+def a1111(client, **payload) -> dict:
+    body = {"prompt": PROMPT, "seed": 9, "sampler_name": "Euler a", "cfg_scale": 7.5, **FAST, **payload}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a1111_randn_source_and_rng(client, pipe):
+    """override_settings.randn_source NV and GPU are torch's CUDA generator (sdrt's cuda), CPU the CPU one;
+    sdrt's own rng field names the GPU; POST /options randn_source sets the endpoints' default."""
+    common = dict(scheduler="Euler a", **FAST)
+    cuda = pipe.txt2img(PROMPT, seed=[9, 10], batch=2, rng="cuda", **common).images
+    cpu = pipe.txt2img(PROMPT, seed=9, **common).images[0]
+    nv = a1111(client, batch_size=2, override_settings={"randn_source": "NV"})
+    for b64, image in zip(nv["images"], cuda, strict=True):
+        np.testing.assert_array_equal(pixels(b64), image)
+    assert "RNG: NV" in json.loads(nv["info"])["infotexts"][0]
+    assert "RNG: NV" in png_text(base64.b64decode(nv["images"][0]))
+    gpu = a1111(client, override_settings={"randn_source": "GPU"})
+    np.testing.assert_array_equal(pixels(gpu["images"][0]), cuda[0])
+    np.testing.assert_array_equal(pixels(a1111(client, override_settings={"randn_source": "CPU"})["images"][0]), cpu)
+    np.testing.assert_array_equal(pixels(a1111(client, rng="cuda:4090")["images"][0]), cuda[0])
+    assert client.get("/sdapi/v1/options").json()["randn_source"] == "CPU"  # sdrt's default
+    try:
+        assert client.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["randn_source"] == "NV"
+        np.testing.assert_array_equal(pixels(a1111(client)["images"][0]), cuda[0])
+        np.testing.assert_array_equal(pixels(a1111(client, override_settings={"randn_source": "CPU"})["images"][0]),
+                                      cpu)  # the request's override wins over the option
+    finally:
+        assert client.post("/sdapi/v1/options", json={"randn_source": "CPU"}).status_code == 200
+    np.testing.assert_array_equal(pixels(a1111(client)["images"][0]), cpu)
+
+
+def test_openai_rng(client, pipe):
+    response = client.post("/v1/images/generations", json={"prompt": PROMPT, "size": "64x64", "steps": 3, "seed": 2,
+                                                           "scheduler": "Euler a", "rng": "cuda"})
+    assert response.status_code == 200, response.text
+    expected = pipe.txt2img(PROMPT, seed=2, scheduler="Euler a", rng="cuda", **FAST).images[0]
+    np.testing.assert_array_equal(pixels(response.json()["data"][0]["b64_json"]), expected)
+
+
+BAD = [  # (route, payload, status, needles)
+    ("/v1/jobs", {"rng": "tpu"}, 400, ["rng:", "cpu, cuda or cuda:GPU", "'tpu'"]),
+    ("/v1/jobs", {"rng": "cuda:voodoo5"}, 400, ["rng:", "unknown GPU", "voodoo5", "h100"]),
+    ("/v1/jobs", {"rng": "cuda:sm=0"}, 400, ["rng:", "sm must be in"]),
+    ("/v1/jobs", {"rng": "cuda:sm=x"}, 400, ["rng:", "takes integers"]),
+    ("/v1/jobs", {"rng": 1}, 422, ["rng"]),
+    ("/v1/images/generations", {"rng": "gpu"}, 400, ["rng:", "'gpu'"]),
+    ("/sdapi/v1/txt2img", {"rng": "tpu"}, 400, ["rng:", "'tpu'"]),
+    ("/sdapi/v1/txt2img", {"rng": ["cuda"]}, 400, ["rng: expected a string"]),
+    ("/sdapi/v1/txt2img", {"override_settings": {"randn_source": "XPU"}}, 400,
+     ["override_settings.randn_source", "'XPU'", "CPU, GPU or NV"]),
+    ("/sdapi/v1/txt2img", {"override_settings": {"randn_source": 1}}, 400, ["override_settings.randn_source"]),
+    ("/sdapi/v1/txt2img", {"rng": "cpu", "override_settings": {"randn_source": "NV"}}, 400, ["contradicts"]),
+    ("/sdapi/v1/img2img", {"rng": "cuda:", "override_settings": {"randn_source": "CPU"}}, 400, ["contradicts"]),
+    ("/sdapi/v1/options", {"randn_source": "cuda"}, 400, ["randn_source", "CPU, GPU or NV"]),
+]
+
+
+@pytest.mark.parametrize("route, payload, status, needles", BAD, ids=[f"{r}-{json.dumps(p)}" for r, p, *_ in BAD])
+def test_bad_rng_is_4xx_naming_the_field(client, route, payload, status, needles):
+    body = dict(payload) if route.endswith("options") else {"prompt": PROMPT, "steps": 1, **payload}
+    if route.endswith("img2img"):
+        body["init_images"] = [base64.b64encode(b"not checked before the rng").decode()]
+    response = client.post(route, json=body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail
+    for needle in needles:
+        assert needle in detail, (needle, detail)
+    assert client.get("/sdapi/v1/options").json()["randn_source"] == "CPU"  # a refused option changes nothing
