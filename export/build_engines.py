@@ -26,6 +26,7 @@ from sdrt.errors import ArtifactError, ExportError, InputError, OutputExistsErro
 from sdrt.manifest import ENGINES_KEY, MANIFEST_NAME, Manifest, file_record, load_manifest, write_json_atomic
 from sdrt.progress import progress_bar
 from sdrt.specs import BATCH, ComponentSpec, SizeRange
+from sdrt_export import refit as refit_plan
 from sdrt_export import trt_builder
 from sdrt_export.trt_builder import LABELS, BuildOptions
 
@@ -67,7 +68,7 @@ def profile_for(spec: ComponentSpec, sizes: SizeRange, static: tuple[int, int] |
 
 
 def build_command(model_dir: Path, out: Path, backend: str, sizes: SizeRange, static, options: BuildOptions,
-                  precision: str) -> str:
+                  precision: str, refit: bool = False) -> str:
     parts = ["sdrt", "build-engines", "--model", str(model_dir), "--out", str(out), "--backend", backend,
              "--min-size", str(sizes.min_size), "--opt-size", str(sizes.opt_size),
              "--max-size", str(sizes.max_size), "--max-batch", str(sizes.max_batch), "--precision", precision]
@@ -79,6 +80,8 @@ def build_command(model_dir: Path, out: Path, backend: str, sizes: SizeRange, st
             parts += ["--workspace", f"{options.workspace_gb:g}"]
         if options.targets:
             parts += ["--gpu-targets", ",".join(t.lower() for t in options.targets)]
+    if refit:
+        parts.append("--refit")
     return shlex.join(parts)
 
 
@@ -92,8 +95,10 @@ def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bo
                           "pip install torch==2.13.0 && pip install 'sdrt[export]'") from None
 
     model_dir = validate_model_dir(model)
+    controlnets = []  # a re-export keeps the artifact's ControlNets (``sdrt export --controlnet``)
     if (out / MANIFEST_NAME).is_file():
         manifest = load_manifest(out)
+        controlnets = [record["path"] for record in manifest.data.get("controlnets", [])]
         reason = None
         have, want = (manifest.sizes.min_size, manifest.sizes.max_size, manifest.sizes.max_batch), \
             (sizes.min_size, sizes.max_size, sizes.max_batch)
@@ -118,6 +123,8 @@ def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bo
     log.info("exporting %s to %s first: %s", model_dir, out, reason)
     cache = out / "tensorrt" / TIMING_CACHE
     kept = cache.read_bytes() if cache.is_file() else None  # tuning results outlive a re-export
+    if controlnets:
+        kwargs["controlnet_dirs"] = controlnets
     export_model(model_dir, out, sizes=sizes, force=True, progress=progress, **kwargs)
     if kept:
         cache.parent.mkdir(exist_ok=True)
@@ -146,11 +153,13 @@ def write_bytes_atomic(path: Path, data) -> None:
         raise
 
 
-def _wanted(manifest: Manifest, backend: str, spec: ComponentSpec, profile: dict, common: dict) -> dict:
+def _wanted(manifest: Manifest, backend: str, spec: ComponentSpec, profile: dict, common: dict,
+            refit: bool = False) -> dict:
     """The record fields that decide whether an existing engine can be kept."""
     wanted = {**common, "onnx_sha256": manifest.onnx_digest(spec.name)}
     if backend in TRT_BACKENDS:
         wanted["profile"] = profile
+        wanted["refit"] = refit_plan.wanted(manifest, spec.name, refit)  # None (plain) matches older records
     return wanted
 
 
@@ -174,18 +183,21 @@ def _save_record(out: Path, backend: str, section: dict, name: str, record: dict
     write_json_atomic(out / MANIFEST_NAME, data)
 
 
-def _build_trt(backend, trt, manifest, spec, profile, options, cache_path: Path | None) -> tuple:
+def _build_trt(backend, trt, manifest, spec, profile, options, cache_path: Path | None, refit=None) -> tuple:
     onnx_path = manifest.verified_path(spec.name)
     cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else None
-    serialized, fields, new_cache = trt_builder.build_engine(backend, trt, onnx_path, spec, profile, options, cache)
+    weights = refit_plan.targets(manifest, spec.name) if refit else None
+    serialized, fields, new_cache = trt_builder.build_engine(backend, trt, onnx_path, spec, profile, options, cache,
+                                                             None if weights is None else list(weights))
     relpath = f"{backend}/{spec.name}.engine"
+    plan = [] if weights is None else [refit_plan.save(manifest, backend, spec.name, weights, fields)]
     if backend == "tensorrt-rtx":  # written by the runtime: what TensorRT-RTX compiles on the GPU
         fields["runtime_cache"] = f"{backend}/{spec.name}.{RUNTIME_CACHE}"
     write_bytes_atomic(manifest.root / relpath, serialized)
     del serialized
     if cache_path and new_cache and new_cache != cache:
         write_bytes_atomic(cache_path, new_cache)
-    return [relpath], fields
+    return [relpath, *plan], fields
 
 
 def _build_ort(backend, settings, manifest, spec, folder: Path) -> tuple:
@@ -205,8 +217,9 @@ def _build_ort(backend, settings, manifest, spec, folder: Path) -> tuple:
 
 def build_engines(model, out, backend: str, sizes: SizeRange | None = None, static=None, builder_level: int = 3,
                   workspace_gb: float | None = None, precision: str = "fp32", gpu_targets: str | None = None,
-                  force: bool = False, progress: bool = True) -> dict:
-    """Build (or reuse) ``backend`` engines for every component of ENGINE_DIR ``out``; return a summary."""
+                  force: bool = False, progress: bool = True, refit: bool = False) -> dict:
+    """Build (or reuse) ``backend`` engines for every component of ENGINE_DIR ``out``; return a summary.
+    ``refit``: engines whose weight-map weights TensorRT can refit (run-time LoRA; ``refit.py``)."""
     start = time.perf_counter()
     if backend not in BUILD_BACKENDS:
         raise InputError(f"unknown backend {backend!r}; build-engines knows {', '.join(BUILD_BACKENDS)}")
@@ -214,18 +227,22 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
         raise InputError(f"builder-level must be 0..5, got {builder_level}")
     if workspace_gb is not None and not workspace_gb > 0:
         raise InputError(f"workspace must be a positive number of GB, got {workspace_gb}")
+    if refit:
+        refit_plan.check_request(backend, TRT_BACKENDS)
     out = Path(out).expanduser().absolute()
     if sizes is None:  # the artifact's own range, or the defaults for a new export
         sizes = load_manifest(out).sizes if (out / MANIFEST_NAME).is_file() else SizeRange()
     static = parse_static(static, sizes)
     model_dir = Path(model).expanduser().absolute()
     trt, options, common = _flavour(backend, builder_level, workspace_gb, gpu_targets)
-    command = build_command(model_dir, out, backend, sizes, static, options, precision)
+    command = build_command(model_dir, out, backend, sizes, static, options, precision, refit)
     exported = ensure_onnx(model_dir, out, sizes, precision, progress)
     manifest = load_manifest(out)
     specs = [spec for spec in manifest.specs if manifest.has(spec.name)]
+    if refit:
+        refit_plan.require_weight_maps(manifest, [spec.name for spec in specs])
     profiles = {spec.name: profile_for(spec, sizes, static) for spec in specs}
-    wanted = {spec.name: _wanted(manifest, backend, spec, profiles[spec.name], common) for spec in specs}
+    wanted = {spec.name: _wanted(manifest, backend, spec, profiles[spec.name], common, refit) for spec in specs}
     todo = [s for s in specs if force or not _is_current(manifest, backend, s.name, wanted[s.name])]
     label = LABELS.get(backend, backend)
     if not todo:
@@ -233,7 +250,8 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
         return _summary(out, backend, common, [], [s.name for s in specs], exported, {}, start, message)
 
     folder = out / backend
-    section = {"command": command, **{k: common[k] for k in ("flavour", "version")}}
+    section = {"command": command, **{k: common[k] for k in ("flavour", "version")},
+               **({"refit": refit} if trt is not None else {})}
     cache_path = None
     if backend == "tensorrt":
         cache_path = folder / TIMING_CACHE
@@ -246,7 +264,8 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
                 bar.set_postfix_str(spec.name)
                 began = time.perf_counter()
                 if trt is not None:
-                    files, fields = _build_trt(backend, trt, manifest, spec, profiles[spec.name], options, cache_path)
+                    files, fields = _build_trt(backend, trt, manifest, spec, profiles[spec.name], options, cache_path,
+                                               wanted[spec.name]["refit"])
                 else:
                     files, fields = _build_ort(backend, common, manifest, spec, folder)
                 seconds = round(time.perf_counter() - began, 2)
