@@ -145,6 +145,73 @@ TAESD = {"in_channels": 3, "out_channels": 3, "encoder_block_out_channels": [64,
          "upsampling_scaling_factor": 2, "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1],
          "latent_magnitude": 3, "latent_shift": 0.5, "force_upcast": False, "scaling_factor": 1.0}
 
+# Kandinsky 2.2 (kandinsky-community/kandinsky-2-2-prior + kandinsky-2-2-decoder[-inpaint]): two pipeline folders.
+# Real shapes: the prior's CLIP ViT-bigG/14 text and vision towers, PriorTransformer at D = 1280, the decoder UNet
+# of diffusers' scripts/convert_kandinsky_to_diffusers.py with 2.2's image conditioning (addition_embed_type
+# "image", image_proj from D) and its MOVQ_CONFIG. The hub's config files are not reachable here; sizes are
+# from those sources, not checked byte for byte. Tiny: diffusers' kandinsky2_2 test dummies, MoVQ with four
+# blocks (scale 8, as the real one) so latents stay small.
+K22_PRIOR_TEXT = {**SDXL_TEXT_2}
+K22_IMAGE_ENCODER = {"hidden_size": 1664, "intermediate_size": 8192, "num_hidden_layers": 48, "num_attention_heads": 16,
+                     "image_size": 224, "patch_size": 14, "projection_dim": 1280, "hidden_act": "gelu",
+                     "layer_norm_eps": 1e-5, "num_channels": 3}
+K22_PRIOR = {"num_attention_heads": 32, "attention_head_dim": 64, "num_layers": 20, "embedding_dim": 1280,
+             "num_embeddings": 77, "additional_embeddings": 4}
+K22_UNET = {"act_fn": "silu", "addition_embed_type": "image", "addition_embed_type_num_heads": 64,
+            "attention_head_dim": 64, "block_out_channels": [384, 768, 1152, 1536], "cross_attention_dim": 768,
+            "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
+                                 "SimpleCrossAttnDownBlock2D"],
+            "encoder_hid_dim": 1280, "encoder_hid_dim_type": "image_proj", "in_channels": 4, "layers_per_block": 3,
+            "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "norm_num_groups": 32, "out_channels": 8,
+            "resnet_time_scale_shift": "scale_shift", "sample_size": 64,
+            "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
+                               "ResnetUpsampleBlock2D"]}
+K22_MOVQ = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D",
+                                 "AttnDownEncoderBlock2D"],
+            "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "num_vq_embeddings": 16384, "block_out_channels": [128, 256, 256, 512], "vq_embed_dim": 4,
+            "layers_per_block": 2, "norm_type": "spatial"}
+K22_PRIOR_SCHEDULER = {"_class_name": "UnCLIPScheduler", "clip_sample": True, "clip_sample_range": 20.0,
+                       "num_train_timesteps": 1000, "prediction_type": "sample", "variance_type": "fixed_small_log"}
+K22_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.012, "beta_schedule": "linear", "beta_start": 0.00085,
+                 "clip_sample": False, "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995,
+                 "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                 "steps_offset": 1, "thresholding": False, "timestep_spacing": "leading", "trained_betas": None,
+                 "variance_type": "fixed_small"}
+K22_IMAGE_PROCESSOR = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
+                       "do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type":
+                       "CLIPImageProcessor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                       "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "rescale_factor": 1 / 255,
+                       "size": {"shortest_edge": 224}}
+TINY_K22_TEXT = {**SD15_TEXT, "hidden_size": 32, "projection_dim": 32, "intermediate_size": 37,
+                 "num_attention_heads": 4, "num_hidden_layers": 5}
+TINY_K22_IMAGE_ENCODER = {**K22_IMAGE_ENCODER, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5,
+                          "num_attention_heads": 4, "projection_dim": 32}
+TINY_K22_PRIOR = {"num_attention_heads": 2, "attention_head_dim": 12, "embedding_dim": 32, "num_layers": 1}
+TINY_K22_UNET = {"in_channels": 4, "out_channels": 8, "addition_embed_type": "image",
+                 "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                 "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                 "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "block_out_channels": [32, 64],
+                 "layers_per_block": 1, "encoder_hid_dim": 32, "encoder_hid_dim_type": "image_proj",
+                 "cross_attention_dim": 32, "attention_head_dim": 4, "resnet_time_scale_shift": "scale_shift",
+                 "sample_size": 8}
+TINY_K22_MOVQ = {**K22_MOVQ, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
+                 "num_vq_embeddings": 12}
+
+
+def _kandinsky(text, image_encoder, prior, unet, movq, prior_scheduler=K22_PRIOR_SCHEDULER,
+               decoder="KandinskyV22Pipeline"):
+    """A ``make-model`` entry writing OUT/prior (KandinskyV22PriorPipeline) and OUT/decoder (``decoder``)."""
+    return {"kandinsky": {
+        "prior": {"text_encoder": text, "image_encoder": image_encoder, "prior": prior, "scheduler": prior_scheduler,
+                  "tokenizer": OPENCLIP_TOKENIZER_CONFIG, "image_processor": K22_IMAGE_PROCESSOR},
+        "decoder": {"pipeline": decoder, "unet": unet, "movq": movq, "scheduler": K22_SCHEDULER}}}
+
+
+_TINY_K22 = (TINY_K22_TEXT, TINY_K22_IMAGE_ENCODER, TINY_K22_PRIOR)
+_TINY_K22_PRIOR_SCHEDULER = {**K22_PRIOR_SCHEDULER, "clip_sample_range": 10.0}  # diffusers' test dummy
+
 ARCHS: dict[str, dict] = {
     "sd15": _sd(SD15_UNET, SD15_VAE, SD15_TEXT),
     "tiny": _sd(TINY_UNET, TINY_VAE, {**SD15_TEXT, **TINY_TEXT}),
@@ -167,6 +234,11 @@ ARCHS: dict[str, dict] = {
     # diffusers/stable-diffusion-xl-1.0-inpainting-0.1's layout: 9-channel UNet, StableDiffusionXLInpaintPipeline
     "tiny-sdxl-inpaint": _sdxl({**TINY_SDXL_UNET, "in_channels": 9}, TINY_SDXL_VAE, {**SD15_TEXT, **TINY_TEXT},
                                {**SDXL_TEXT_2, **TINY_TEXT}, pipeline="StableDiffusionXLInpaintPipeline"),
+    "kandinsky22": _kandinsky(K22_PRIOR_TEXT, K22_IMAGE_ENCODER, K22_PRIOR, K22_UNET, K22_MOVQ),
+    "tiny-kandinsky22": _kandinsky(*_TINY_K22, TINY_K22_UNET, TINY_K22_MOVQ, _TINY_K22_PRIOR_SCHEDULER),
+    # kandinsky-2-2-decoder-inpaint's layout: 9-channel UNet [latents, masked-image latents, mask]
+    "tiny-kandinsky22-inpaint": _kandinsky(*_TINY_K22, {**TINY_K22_UNET, "in_channels": 9}, TINY_K22_MOVQ,
+                                           _TINY_K22_PRIOR_SCHEDULER, decoder="KandinskyV22InpaintPipeline"),
     "taesd": {"autoencoder_tiny": TAESD},
     "taesdxl": {"autoencoder_tiny": TAESD},
 }

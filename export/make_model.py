@@ -41,6 +41,10 @@ def make_model(out_dir, arch: str = "tiny", seed: int = 0, force: bool = False) 
             from sdrt_export.tiny_vae import write_tiny_autoencoder
 
             write_tiny_autoencoder(tmp, ARCHS[arch]["autoencoder_tiny"], seed, _save_weights)
+        elif "kandinsky" in ARCHS[arch]:  # two pipeline folders, OUT/prior and OUT/decoder
+            from sdrt_export.kandinsky_make import write_kandinsky
+
+            write_kandinsky(tmp, ARCHS[arch]["kandinsky"], seed)
         else:
             _write_pipeline(tmp, ARCHS[arch], seed)
         _set_modes(tmp)
