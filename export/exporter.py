@@ -227,11 +227,21 @@ def _check_scheduler(config: dict) -> None:
 
 
 def export_model(model, out, sizes: SizeRange | None = None, opset: int | None = None, force: bool = False,
-                 progress: bool = True, precision: str = "fp32", tiny_vae_dir=None, controlnet_dirs=()) -> dict:
+                 progress: bool = True, precision: str = "fp32", tiny_vae_dir=None, controlnet_dirs=(),
+                 prior=None) -> dict:
     """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
     with fp32 islands), with the AutoencoderTiny in ``tiny_vae_dir`` too if given, and each ControlNet folder in
     ``controlnet_dirs`` (``controlnet.py``); return a JSON-able summary."""
     start = time.perf_counter()
+    from sdrt_export.kandinsky_model import find_layout  # Kandinsky 2.2: prior + decoder, its own exporter
+
+    if prior is not None or find_layout(model) is not None:
+        if tiny_vae_dir is not None or controlnet_dirs:
+            raise InputError("--tiny-vae and --controlnet are for Stable Diffusion models, not Kandinsky 2.2")
+        from sdrt_export.kandinsky import export_kandinsky
+
+        return export_kandinsky(model, out, prior=prior, sizes=sizes, opset=opset, force=force, progress=progress,
+                                precision=precision)
     sizes = sizes or SizeRange()
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset not in SUPPORTED_OPSETS:
