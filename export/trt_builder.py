@@ -130,14 +130,21 @@ def build_serialized(builder, network, config):
 
 
 def build_engine(backend: str, trt, onnx_path, spec: ComponentSpec, profile: dict, options: BuildOptions,
-                 timing_cache: bytes | None = None) -> tuple[object, dict, bytes | None]:
-    """Build one engine; return (serialized engine, record fields, updated timing cache bytes)."""
+                 timing_cache: bytes | None = None,
+                 refit: list[str] | None = None) -> tuple[object, dict, bytes | None]:
+    """Build one engine; return (serialized engine, record fields, updated timing cache bytes). ``refit``:
+    ONNX initializers to keep refittable (``refit.py``; fields gain ``refit_marked`` and ``refit_unknown``)."""
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network, parser = parse_network(trt, builder, logger, onnx_path)
     io = network_io(trt, network)
     check_network(spec, io, onnx_path)
     config = builder.create_builder_config()
+    marked = None
+    if refit is not None:
+        from sdrt_export import refit as refit_plan
+
+        marked = refit_plan.mark(trt, network, config, refit)
     config.builder_optimization_level = options.builder_level
     if options.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
@@ -165,8 +172,12 @@ def build_engine(backend: str, trt, onnx_path, spec: ComponentSpec, profile: dic
         hint = ""
         if backend == "tensorrt-rtx" and options.workspace_gb is not None and "OutOfMemory" in reason:
             hint = " (without a GPU TensorRT-RTX cannot honour --workspace; leave it out)"
+        elif marked is not None:
+            hint = refit_plan.build_hint(LABELS[backend], trt.__version__)
         raise ExportError(f"{spec.name}: {LABELS[backend]} build failed: {reason}{hint}".splitlines()[0])
     new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
     fields = {"io": io, "profile": held}
+    if marked is not None:
+        fields["refit_marked"], fields["refit_unknown"] = marked
     del parser, network, config, builder
     return serialized, fields, new_cache

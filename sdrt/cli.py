@@ -64,7 +64,7 @@ def cmd_build_engines(args) -> dict:
     return _export_module("build_engines").build_engines(
         args.model, args.out, args.backend, sizes=sizes, static=args.static, builder_level=args.builder_level,
         workspace_gb=args.workspace, precision=args.precision, gpu_targets=args.gpu_targets, force=args.force,
-        progress=not args.json,
+        progress=not args.json, refit=args.refit,
     )
 
 
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--builder-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
     g.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GB")
     g.add_argument("--gpu-targets", default=None, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89")
+    g.add_argument("--refit", action="store_true",
+                   help="refittable engines: run-time LoRA refits the weight-map weights instead of rebuilding")
     p.set_defaults(func=cmd_build_engines)
 
     for mode in ("txt2img", "img2img", "inpaint"):

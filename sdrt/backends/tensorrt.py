@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.backends import refit
 from sdrt.backends.cuda import Cuda, CudaError, gpu_info
 from sdrt.errors import ArtifactError, InputError
 from sdrt.manifest import Manifest
@@ -99,7 +100,9 @@ def open_tensorrt(manifest: Manifest, component: str, backend: str, cuda_graph: 
         raise ArtifactError(f"{path} was built for {', '.join(targets).lower()}, this {gpu.name} is "
                             f"{sm.lower()}; {fix}")
     cache = manifest.root / record["runtime_cache"] if record.get("runtime_cache") else None
-    return TensorRTEngine(trt, path, manifest.specs[component], fix, cuda_graph=cuda_graph, runtime_cache=cache)
+    engine = TensorRTEngine(trt, path, manifest.specs[component], fix, cuda_graph=cuda_graph, runtime_cache=cache)
+    engine.refit_plan = refit.load_plan(manifest, backend, component, record)
+    return engine
 
 
 class TensorRTEngine:
@@ -263,6 +266,11 @@ class TensorRTEngine:
         except OSError as exc:
             log.warning("cannot save the TensorRT-RTX runtime cache %s (%s)", path, exc.strerror or exc)
             self._cache_path = None
+
+    def refit(self, changed: dict) -> list[str]:
+        """Run-time LoRA: these ONNX initializers take these full arrays, every other refittable weight its
+        base (``refit.py``; an engine not built with ``--refit`` is refused with the command that rebuilds it)."""
+        return refit.refit(self, changed)
 
     def _drop_graphs(self) -> None:
         for graph in self._graphs.values():
