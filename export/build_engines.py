@@ -85,7 +85,7 @@ def build_command(model_dir: Path, out: Path, backend: str, sizes: SizeRange, st
     return shlex.join(parts)
 
 
-def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bool) -> str | None:
+def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bool, prior=None) -> str | None:
     """Export into ``out`` unless its manifest already has this model, size range and precision;
     return why it exported (None when it did not)."""
     try:
@@ -94,7 +94,10 @@ def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bo
         raise ExportError(f"build-engines exports with torch ({exc.name} is missing): "
                           "pip install torch==2.13.0 && pip install 'sdrt[export]'") from None
 
-    model_dir = validate_model_dir(model)
+    from sdrt_export.kandinsky_model import find_layout
+
+    layout = find_layout(model, prior)  # Kandinsky 2.2: prior + decoder, one digest of both
+    model_dir = layout.source if layout else validate_model_dir(model)
     controlnets = []  # a re-export keeps the artifact's ControlNets (``sdrt export --controlnet``)
     if (out / MANIFEST_NAME).is_file():
         manifest = load_manifest(out)
@@ -106,7 +109,7 @@ def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bo
             reason = "its sizes {}..{} x{} differ from {}..{} x{}".format(*have, *want)
         elif manifest.data.get("precision", "fp32") != precision:
             reason = f"it holds {manifest.data.get('precision', 'fp32')} ONNX, {precision} was asked for"
-        elif manifest.data.get("source", {}).get("sha256") != hash_folder(model_dir):
+        elif manifest.data.get("source", {}).get("sha256") != (layout.sha256() if layout else hash_folder(model_dir)):
             reason = f"it was exported from another version of {model_dir}"
         if reason is None:
             return None
@@ -125,6 +128,8 @@ def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bo
     kept = cache.read_bytes() if cache.is_file() else None  # tuning results outlive a re-export
     if controlnets:
         kwargs["controlnet_dirs"] = controlnets
+    if prior is not None:
+        kwargs["prior"] = prior
     export_model(model_dir, out, sizes=sizes, force=True, progress=progress, **kwargs)
     if kept:
         cache.parent.mkdir(exist_ok=True)
@@ -217,7 +222,7 @@ def _build_ort(backend, settings, manifest, spec, folder: Path) -> tuple:
 
 def build_engines(model, out, backend: str, sizes: SizeRange | None = None, static=None, builder_level: int = 3,
                   workspace_gb: float | None = None, precision: str = "fp32", gpu_targets: str | None = None,
-                  force: bool = False, progress: bool = True, refit: bool = False) -> dict:
+                  force: bool = False, progress: bool = True, refit: bool = False, prior=None) -> dict:
     """Build (or reuse) ``backend`` engines for every component of ENGINE_DIR ``out``; return a summary.
     ``refit``: engines whose weight-map weights TensorRT can refit (run-time LoRA; ``refit.py``)."""
     start = time.perf_counter()
@@ -236,7 +241,9 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
     model_dir = Path(model).expanduser().absolute()
     trt, options, common = _flavour(backend, builder_level, workspace_gb, gpu_targets)
     command = build_command(model_dir, out, backend, sizes, static, options, precision, refit)
-    exported = ensure_onnx(model_dir, out, sizes, precision, progress)
+    if prior is not None:  # Kandinsky 2.2 decoder folder + its prior folder
+        command += " " + shlex.join(["--prior", str(Path(prior).expanduser().absolute())])
+    exported = ensure_onnx(model_dir, out, sizes, precision, progress, prior)
     manifest = load_manifest(out)
     specs = [spec for spec in manifest.specs if manifest.has(spec.name)]
     if refit:

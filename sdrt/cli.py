@@ -48,6 +48,7 @@ def cmd_make_model(args) -> dict:
 def cmd_export(args) -> dict:
     return _export_module("exporter").export_model(
         args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json,
+        **({"prior": args.prior} if getattr(args, "prior", None) else {}),  # Kandinsky 2.2: the prior folder
         precision=args.precision, tiny_vae_dir=args.tiny_vae,
     )
 
@@ -63,6 +64,7 @@ def cmd_build_engines(args) -> dict:
         sizes = _sizes(args)
     return _export_module("build_engines").build_engines(
         args.model, args.out, args.backend, sizes=sizes, static=args.static, builder_level=args.builder_level,
+        **({"prior": args.prior} if getattr(args, "prior", None) else {}),  # Kandinsky 2.2: the prior folder
         workspace_gb=args.workspace, precision=args.precision, gpu_targets=args.gpu_targets, force=args.force,
         progress=not args.json, refit=args.refit,
     )
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="tiny",
                    help="tiny (fast tests), tiny-inpaint, tiny-sd2, tiny-sd2-base, tiny-sd-turbo, tiny-lcm, tiny-sdxl, "
                         "tiny-sdxl-turbo, tiny-sdxl-inpaint; sd15, sd2, sdxl (real shapes, random weights); taesd, "
-                        "taesdxl (a tiny VAE, AutoencoderTiny, for `sdrt export --tiny-vae`)")
+                        "taesdxl (a tiny VAE, AutoencoderTiny, for `sdrt export --tiny-vae`); tiny-kandinsky22, "
+                        "tiny-kandinsky22-inpaint, kandinsky22 (Kandinsky 2.2: OUT_DIR/prior and OUT_DIR/decoder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     p.set_defaults(func=cmd_make_model)
@@ -177,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--min-size 512 --max-size 1024 --max-batch 2"))
     g = p.add_argument_group("input and output")
     g.add_argument("--model", metavar="MODEL_DIR", required=True, help="diffusers Stable Diffusion folder")
+    g.add_argument("--prior", metavar="PRIOR_DIR", default=None,
+                   help="Kandinsky 2.2: the KandinskyV22PriorPipeline folder of the decoder given as --model "
+                        "(not needed for a folder holding prior/ and decoder/, as make-model writes)")
     g.add_argument("--out", metavar="ENGINE_DIR", required=True, help="folder to create")
     g.add_argument("--force", action="store_true", help="replace an existing ENGINE_DIR")
     g.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
@@ -201,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input and output")
     g.add_argument("--model", metavar="MODEL_DIR", required=True,
                    help="diffusers Stable Diffusion folder (exported first if needed)")
+    g.add_argument("--prior", metavar="PRIOR_DIR", default=None,
+                   help="Kandinsky 2.2: the prior folder of the decoder given as --model (as for `sdrt export`)")
     g.add_argument("--out", metavar="ENGINE_DIR", required=True, help="created or updated")
     g.add_argument("--backend", required=True, choices=("tensorrt", "tensorrt-rtx", "ort-cpu", "ort-cuda"),
                    help="what to build for")

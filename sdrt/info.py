@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sdrt.backends import BACKENDS
 from sdrt.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from sdrt.specs_kandinsky import CONSTANTS_KEY, PRIOR_SCHEDULER_KEY
 
 # pip distributions per runtime, first match wins for the version; every onnxruntime flavour found is listed
 DISTRIBUTIONS = {
@@ -87,8 +88,9 @@ def _all_records(manifest: Manifest) -> list[dict]:
     """Every file record the manifest holds: components, tokenizers, engines and optimized graphs."""
     data = manifest.data
     records = [r for entry in data["components"].values() for r in entry["files"]]
-    for key in ("tokenizer", "tokenizer_2"):
+    for key in ("tokenizer", "tokenizer_2", "image_processor"):
         records += data.get(key, {}).get("files") or []
+    records += list(data.get(CONSTANTS_KEY, {}).values())  # Kandinsky's negative_image_embeds, clip_mean/std
     for section in data.get("engines", {}).values():
         for record in section["components"].values():
             records += record["files"]
@@ -164,12 +166,19 @@ def describe(engine_dir, verify: bool = False) -> dict:
                       "epsilon"), "timestep_spacing": scheduler.get("timestep_spacing", "leading")},
         "components": components,
         "tokenizers": tokenizers,
+        "constants": {name: {"path": r["path"], "shape": r.get("shape"), "bytes": int(r["size"])}
+                      for name, r in data.get(CONSTANTS_KEY, {}).items()},
         "backends": {backend: _backend(manifest, backend, installed) for backend in BACKENDS},
         "loras": list(data.get("loras") or []),
         "exported": {"sdrt_version": data.get("sdrt_version"), "source": data.get("source", {}).get("path"),
                      "opset": data.get("opset"), "exporter": data.get("exporter"),
                      "versions": data.get("versions", {})},
     }
+    if PRIOR_SCHEDULER_KEY in data:  # Kandinsky 2.2: the prior's UnCLIPScheduler (``scheduler`` is the decoder's)
+        prior = data[PRIOR_SCHEDULER_KEY]
+        report["prior_scheduler"] = {"class_name": prior.get("_class_name"),
+                                     "prediction_type": prior.get("prediction_type", "epsilon"),
+                                     "variance_type": prior.get("variance_type")}
     if verify:
         report["verify"] = verify_files(manifest)
         report["failed"] = not report["verify"]["ok"]
@@ -227,16 +236,23 @@ def format_report(r: dict) -> str:
         f"(opt {sizes['opt']}); batch {batch['min']}..{batch['max']}",
         f"  scheduler   {sched['class_name']} ({sched['prediction_type']}, {sched['timestep_spacing']} spacing); "
         "--scheduler picks another",
+        *([f"  prior       {r['prior_scheduler']['class_name']} ({r['prior_scheduler']['prediction_type']}, "
+           f"{r['prior_scheduler']['variance_type']} variance); --prior-steps, --prior-guidance"]
+          if r.get("prior_scheduler") else []),
         f"  LoRAs       {', '.join(_lora(x) for x in r['loras']) or 'none'}",
         f"  exported    by sdrt {exp['sdrt_version']} from {exp['source']}"
         + (f" ({'; '.join(details)})" if details else ""),
         "  components",
     ]
+    w = max([15] + [len(n) for key in ("components", "tokenizers", "constants") for n in r.get(key, {})])
     for name, c in r["components"].items():
         files = ", ".join(f["path"] for f in c["files"])
-        lines.append(f"    {name:<15} {c['precision']:<5} {_mb(c['bytes']):>9}  {files}")
+        lines.append(f"    {name:<{w}} {c['precision']:<5} {_mb(c['bytes']):>9}  {files}")
     for name, t in r["tokenizers"].items():
-        lines.append(f"    {name:<15} {'':<5} {_mb(t['bytes']):>9}  {t['dir']}/ ({t['files']} files)")
+        lines.append(f"    {name:<{w}} {'':<5} {_mb(t['bytes']):>9}  {t['dir']}/ ({t['files']} files)")
+    for name, c in r.get("constants", {}).items():
+        shape = "x".join(str(n) for n in c["shape"] or [])
+        lines.append(f"    {name:<{w}} {'':<5} {_mb(c['bytes']):>9}  {c['path']} ({shape} float32)")
     lines.append("  backends")
     for backend, b in r["backends"].items():
         lines.append(f"    {backend:<15} {_backend_line(backend, b)}")

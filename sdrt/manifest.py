@@ -160,7 +160,9 @@ class Manifest:
         if recorded:
             return recorded
         source = self.data.get("source", {}).get("path", "MODEL_DIR")
-        return shlex.join(["sdrt", "build-engines", "--model", source, "--out", str(self.root), "--backend", backend])
+        prior = self.data.get("source", {}).get("prior")  # Kandinsky 2.2 exported from DECODER + --prior PRIOR
+        return shlex.join(["sdrt", "build-engines", "--model", source, *(["--prior", prior] if prior else []),
+                           "--out", str(self.root), "--backend", backend])
 
     def verified_engine(self, backend: str, name: str) -> tuple[Path, dict]:
         """A component's engine file and record, after checking that the record exists, was built from
