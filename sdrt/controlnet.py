@@ -136,3 +136,15 @@ class Control:
         if self.split:  # zeros for the unconditional half, as diffusers concatenates
             total = [xp.concatenate([xp.zeros_like(r), r]) for r in total]
         return dict(zip(self.names, total))
+
+
+def cli_request(args) -> dict:
+    """The pipeline's ``control_*`` / ``guess_mode`` keywords from ``--control-*`` (none without an image;
+    a scale, start, end or guess mode given without one is refused by ``parse_control``, naming it)."""
+    scales = getattr(args, "control_scale", None) or [1.0]
+    request = {"control_images": getattr(args, "control_image", None) or None,
+               "control_scales": scales[0] if len(scales) == 1 else scales,
+               "control_start": getattr(args, "control_start", 0.0), "control_end": getattr(args, "control_end", 1.0),
+               "guess_mode": bool(getattr(args, "guess_mode", False))}
+    return {k: v for k, v in request.items() if k == "control_images" and v or k != "control_images"
+            and v != DEFAULTS[k]}
