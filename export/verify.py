@@ -19,6 +19,7 @@ from sdrt import schedulers
 from sdrt.errors import ModelError
 from sdrt.pipeline import Pipeline, default_inpaint_strength
 from sdrt.specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
+from sdrt_export import controlnet
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ def _inpaint_inputs(width: int, height: int, seed: int) -> dict:
 
 
 def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, height=None, seed=0,
-           prompt="a photo of a cat", negative_prompt="", guidance=7.5) -> dict:
+           prompt="a photo of a cat", negative_prompt="", guidance=7.5, controlnet_dirs=None,
+           control_images=None) -> dict:
     """Run both pipelines on the same request; return the report (``failed`` past tolerance)."""
     sdrt_pipe = Pipeline(engines_dir)
     precision = sdrt_pipe.manifest.data.get("precision", "fp32")
@@ -162,11 +164,15 @@ def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, heigh
         inputs = {**_inpaint_inputs(width, height, seed), "strength": default_inpaint_strength(dims)}
     request = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
                    height=height, **inputs)
-    result = getattr(sdrt_pipe, mode)(prompt=prompt, scheduler=scheduler, **request)
-    pipe = load_reference(model_dir, mode, scheduler)
+    control = controlnet.verify_inputs(controlnet_dirs, control_images, width, height)  # {} without ControlNets
+    result = getattr(sdrt_pipe, mode)(prompt=prompt, scheduler=scheduler, **request, **control)
+    pipe = controlnet.load_reference(model_dir, controlnet_dirs, mode) if control else \
+        load_reference(model_dir, mode, scheduler)
     use_scheduler(pipe, scheduler)
-    expected = reference_images(pipe, mode, prompt, **request)
+    expected = (controlnet.reference_images if control else reference_images)(pipe, mode, prompt, **request,
+                                                                              **control)
     stages = stage_errors(pipe, sdrt_pipe, width, height, seed)
+    stages.update(controlnet.stage_errors(pipe, sdrt_pipe, width, height, seed) if control else {})
     max_abs = float(np.abs(result.unit_images - expected).max())
     failed = max_abs > IMAGE_TOLERANCE[precision] or any(v > STAGE_TOLERANCE[precision] for v in stages.values())
     report = {"mode": mode, "scheduler": scheduler or sdrt_pipe.manifest.scheduler_config.get("_class_name"),

@@ -49,7 +49,7 @@ def cmd_export(args) -> dict:
     return _export_module("exporter").export_model(
         args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json,
         **({"prior": args.prior} if getattr(args, "prior", None) else {}),  # Kandinsky 2.2: the prior folder
-        precision=args.precision, tiny_vae_dir=args.tiny_vae,
+        precision=args.precision, tiny_vae_dir=args.tiny_vae, controlnet_dirs=args.controlnet or (),
     )
 
 
@@ -74,6 +74,7 @@ def cmd_verify(args) -> dict:
     report = _export_module("verify").verify(
         args.model, args.engines, scheduler=args.scheduler, steps=args.steps, width=args.width,
         height=args.height, seed=args.seed, prompt=args.prompt,
+        **({"controlnet_dirs": args.controlnet, "control_images": args.control_image} if args.controlnet else {}),
     )
     return report
 
@@ -115,6 +116,18 @@ def _add_backend(p) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
                    help="what runs the components: the exported ONNX (or the graphs `sdrt build-engines` optimized "
                         "for this backend) on ONNX Runtime, or TensorRT engines built by `sdrt build-engines`")
+
+
+def _add_control(g) -> None:
+    g.add_argument("--control-image", metavar="IMG", action="append", default=None,
+                   help="control image, one per ControlNet in export order (resized to the output size)")
+    g.add_argument("--control-scale", metavar="S", type=float, action="append", default=None,
+                   help="conditioning scale per ControlNet (one value: every net; default 1.0)")
+    g.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
+    g.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess mode: ControlNets see the conditional batch only, residuals scaled "
+                        "from 0.1 (shallow) to 1.0 (deep)")
 
 
 def _add_request(g, mode: str) -> None:
@@ -193,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16: mixed precision with fp32 islands (see export/fp16.py); I/O stays float32")
     g.add_argument("--tiny-vae", metavar="TAESD_DIR", default=None,
                    help="also export this AutoencoderTiny (TAESD) folder's decoder and encoder, for --vae tiny")
+    g.add_argument("--controlnet", metavar="CONTROLNET_DIR", action="append", default=None,
+                   help="also export this diffusers ControlNetModel folder (repeatable: one --control-image each)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines (or ORT-optimized graphs) into an ENGINE_DIR",
@@ -252,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--rng", default="cpu", metavar="cpu|cuda[:GPU]",
                        help="whose generator --seed reproduces: torch's CPU generator, or torch.Generator('cuda') "
                             "on GPU (h100, a100, 4090, t4, ... or sm=N; default h100) — computed here, no GPU needed")
+        _add_control(p.add_argument_group("ControlNet (artifacts exported with --controlnet)"))
         p.set_defaults(func=cmd_generate, mode=mode)
 
     p = sub.add_parser("verify", help="compare sdrt with the diffusers pipeline (needs torch)",
@@ -270,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="default: the artifact's opt size")
     g.add_argument("--seed", type=int, default=0, help="seed of both pipelines")
     g.add_argument("--prompt", default="a photo of a cat", help="prompt of both pipelines")
+    g.add_argument("--controlnet", metavar="CONTROLNET_DIR", action="append", default=None,
+                   help="check ControlNet: the folders ENGINE_DIR was exported with, in order (with --control-image)")
+    g.add_argument("--control-image", metavar="IMG", action="append", default=None,
+                   help="one per --controlnet (default: a synthetic picture)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="per-stage latency, cold start and peak RSS (optionally against diffusers)",

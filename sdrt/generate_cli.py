@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from sdrt.controlnet import cli_request as control_request
 from sdrt.errors import InputError
 from sdrt.images import a1111_parameters, check_same_size, load_image, save_png
 from sdrt.pipeline import Pipeline
@@ -36,6 +37,7 @@ def run(args) -> dict:
     if args.mode == "inpaint":
         extra["mask"] = load_image(args.mask, "mask")
         check_same_size(extra["image"], extra["mask"])
+    extra.update(control_request(args))  # --control-image IMG ..., --control-scale, --control-start/-end, --guess-mode
     pipe = Pipeline(args.engines, backend=args.backend, threads=args.threads)
     with contextlib.ExitStack() as stack:
         bars = []  # opened at the first step, so a request refused up front prints only its error line
