@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from sdrt.bench import bench_image, serve
+from sdrt.bench import bench_image
+from sdrt.bench_worker import serve
 from sdrt_export.verify import load_reference, use_scheduler
 
 
@@ -32,11 +33,13 @@ class DiffusersSystem:
 
         return {"torch": torch.__version__, "diffusers": diffusers.__version__}
 
-    def load(self, request: dict) -> None:
+    def load(self, request: dict) -> dict:
         torch.set_num_threads(request["threads"])
         self.pipe = load_reference(request["model"], request["mode"])
         self.base_scheduler = self.pipe.scheduler
         self._hook()
+        return {"precision": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+            self.pipe.unet.dtype, str(self.pipe.unet.dtype))}
 
     def _hook(self) -> None:
         pipe, t = self.pipe, self.t

@@ -1,26 +1,29 @@
-"""``sdrt bench``: per-stage latency, cold start and peak RSS of sdrt, optionally side by side with diffusers.
+"""``sdrt bench``: per-stage latency, cold start and peak RSS of sdrt, optionally beside its CPU peers.
 
-Each system runs in its own worker process (``python -m sdrt.bench`` for sdrt,
-``python -m sdrt_export.bench_diffusers`` for diffusers) that loads once and serves runs over a pipe,
-so peak RSS is per system and runs alternate A B A B. The worker's first load and run are its cold
-start. Statistics, the table and the plot live in ``sdrt.bench_report``.
+Each system runs in its own worker process (``sdrt.bench_worker``: ``python -m sdrt.bench`` for sdrt and
+for the OpenVINO peer — the same pipeline on ``--backend openvino`` —, ``python -m sdrt_export.bench_diffusers``
+for diffusers, ``python -m sdrt_export.bench_peers`` for stable-diffusion.cpp) that loads once and serves
+runs over a pipe, so peak RSS is per system and runs alternate A B C A B C with the same thread count.
+``--compare diffusers,openvino,sdcpp`` names the peers; one not installed (or that cannot run this model) is
+skipped with the reason in the report. The UNet's FLOPs are counted once from the artifact's ONNX
+(``sdrt_export.flops``), so every system's UNet figure also reads as GFLOP/s and a share of this CPU's fp32
+peak (``sdrt.machine``). Statistics, the table and the plot live in ``sdrt.bench_report``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from sdrt import bench_report
+from sdrt import bench_report, machine
+from sdrt.bench_worker import Worker, peak_rss_bytes, serve  # noqa: F401  (serve: the worker modules' entry)
 from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import load_manifest
 from sdrt.progress import progress_bar
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 
 SWEEP_SIZES = (256, 384, 512)
 SWEEP_BATCHES = (1, 2, 4)
+PEERS = ("diffusers", "openvino", "sdcpp")
+# the worker module of each system; openvino is sdrt's own worker on the openvino backend
+MODULES = {"sdrt": "sdrt.bench", "diffusers": "sdrt_export.bench_diffusers", "openvino": "sdrt.bench",
+           "sdcpp": "sdrt_export.bench_peers"}
 
 
 @dataclass
@@ -48,7 +55,9 @@ class BenchConfig:
     seed: int = 0
     prompt: str = "a photo of an astronaut riding a horse on mars"
     negative_prompt: str = "blurry, low quality"
-    compare_diffusers: str | None = None
+    compare_diffusers: str | None = None  # the older flag: --compare diffusers --model DIR
+    compare: tuple = ()  # peers from PEERS
+    model: str | None = None  # the diffusers folder of the diffusers and sdcpp peers (default: the export's source)
     sweep: bool = False
     backend: str = "ort-cpu"
     points: list = field(default_factory=list)
@@ -61,11 +70,6 @@ def bench_image(width: int, height: int):
     y, x = np.mgrid[0:height, 0:width]
     rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
     return Image.fromarray(rgb.astype(np.uint8))
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class SdrtSystem:
@@ -81,14 +85,16 @@ class SdrtSystem:
         return {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                 "sdrt_ort_cache": "on" if os.environ.get(CACHE_ENV) else "off"}
 
-    def load(self, request: dict) -> None:
+    def load(self, request: dict) -> dict:
         from sdrt.pipeline import Pipeline
-        from sdrt.specs import VAE_ENCODER
+        from sdrt.specs import UNET, VAE_ENCODER
 
         self.pipe = Pipeline(request["engines"], backend=request.get("backend", "ort-cpu"), threads=request["threads"])
         for name in self.pipe.manifest.specs.components:  # every text encoder too (SDXL has two)
             if name != VAE_ENCODER or request["mode"] == "img2img":
                 self.pipe.engine(name)
+        precision = getattr(self.pipe.engine(UNET), "precision", None) or self.pipe.manifest.data.get("precision")
+        return {"precision": precision, "backend": request.get("backend", "ort-cpu")}
 
     def run(self, r: dict) -> dict:
         options = dict(negative_prompt=r["negative_prompt"], steps=r["steps"], guidance=r["guidance"], seed=r["seed"],
@@ -111,72 +117,6 @@ class SdrtSystem:
         return out
 
 
-def serve(system) -> None:
-    """Worker loop: one JSON request per stdin line, one JSON reply per line on the original stdout."""
-    reply_fd = os.dup(1)
-    os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the reply stream
-    replies = os.fdopen(reply_fd, "w", buffering=1)
-    replies.write(json.dumps({"ready": True, "info": system.info()}) + "\n")
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            start = time.perf_counter()
-            if request["cmd"] == "load":
-                system.load(request)
-                reply = {"seconds": time.perf_counter() - start}
-            elif request["cmd"] == "run":
-                reply = {"timings": system.run(request)}
-            else:
-                break
-        except Exception as exc:  # reported to the parent, which raises it as an SdrtError
-            reply = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-        reply["peak_rss_bytes"] = peak_rss_bytes()
-        replies.write(json.dumps(reply) + "\n")
-
-
-class Worker:
-    """The parent's handle on one worker process; timing starts at launch (the cold start)."""
-
-    def __init__(self, name: str, module: str, threads: int):
-        self.name, self.stderr, self.peak_rss = name, tempfile.TemporaryFile(mode="w+"), 0
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        self.launched = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
-        hello = self._read()
-        self.process_start = time.perf_counter() - self.launched
-        self.info = hello.get("info", {})
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.stderr.seek(0)
-            lines = [ln for ln in self.stderr.read().splitlines() if ln.strip()]
-            raise SdrtError(f"{self.name} worker exited ({self.proc.returncode}): {lines[-1] if lines else 'no output'}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise SdrtError(f"{self.name} worker: {reply['error']}")
-        self.peak_rss = max(self.peak_rss, reply.get("peak_rss_bytes", 0))
-        return reply
-
-    def ask(self, cmd: str, **request) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **request}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
-                self.proc.stdin.close()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
-
-
 def plan(cfg: BenchConfig) -> list[tuple[int, int, int]]:
     """Validate the request against the artifact; (width, height, batch) of each measured point."""
     for name, low in (("runs", 1), ("warmup", 0), ("steps", 1), ("batch", 1)):
@@ -193,6 +133,11 @@ def plan(cfg: BenchConfig) -> list[tuple[int, int, int]]:
         raise InputError(f"{cfg.engines} has no vae_encoder; img2img cannot be benchmarked")
     if cfg.compare_diffusers and not os.path.isfile(os.path.join(cfg.compare_diffusers, "model_index.json")):
         raise InputError(f"--compare-diffusers {cfg.compare_diffusers} is not a diffusers folder (no model_index.json)")
+    if cfg.model and not os.path.isfile(os.path.join(cfg.model, "model_index.json")):
+        raise InputError(f"--model {cfg.model} is not a diffusers folder (no model_index.json)")
+    unknown = [name for name in cfg.compare if name not in PEERS]
+    if unknown:
+        raise InputError(f"--compare: unknown system {unknown[0]!r}; known: {', '.join(PEERS)}")
     if cfg.sweep:
         points = [(s, s, b) for s in SWEEP_SIZES for b in SWEEP_BATCHES
                   if sizes.min_size <= s <= sizes.max_size and b <= sizes.max_batch]
@@ -206,41 +151,99 @@ def plan(cfg: BenchConfig) -> list[tuple[int, int, int]]:
     return [(width, height, cfg.batch)]
 
 
-def _check_diffusers_installed() -> None:
-    import importlib.util
+def _missing(*modules: str) -> str | None:
+    return next((m for m in modules if importlib.util.find_spec(m) is None), None)
 
-    for name in ("torch", "diffusers", "sdrt_export"):
-        if importlib.util.find_spec(name) is None:
-            raise SdrtError(f"--compare-diffusers needs the build-side packages ({name} is missing): "
-                            "pip install torch==2.13.0 && pip install 'sdrt[export]'")
+
+def peer_systems(cfg: BenchConfig, manifest) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """[(name, source)] of the systems that run, sdrt first, and {name: reason} of the peers skipped."""
+    model = cfg.compare_diffusers or cfg.model or manifest.data.get("source", {}).get("path")
+    if model and not os.path.isfile(os.path.join(model, "model_index.json")):
+        model = None  # the recorded source moved; the peers that need it are skipped
+    wanted = list(dict.fromkeys([*cfg.compare, *(["diffusers"] if cfg.compare_diffusers else [])]))
+    run, skipped = [("sdrt", cfg.engines)], {}
+    for name in wanted:
+        if name == "diffusers":
+            missing = _missing("torch", "diffusers", "sdrt_export")
+            if cfg.compare_diffusers and missing:  # asked for by name: an error, as before
+                raise SdrtError(f"--compare-diffusers needs the build-side packages ({missing} is missing): "
+                                "pip install torch==2.13.0 && pip install 'sdrt[export]'")
+            reason = (f"not installed ({missing}): pip install torch==2.13.0 'sdrt[export]'" if missing else
+                      None if model else "no diffusers folder: pass --model DIR")
+        elif name == "openvino":
+            reason = ("not installed (openvino): pip install 'sdrt[bench]'" if _missing("openvino") else
+                      "sdrt itself runs on --backend openvino here" if cfg.backend == "openvino" else None)
+        else:
+            missing = _missing("stable_diffusion_cpp", "safetensors", "sdrt_export")
+            reason = f"not installed ({missing}): pip install 'sdrt[bench]' (builds from source)" if missing else \
+                "no diffusers folder: pass --model DIR" if not model else \
+                "measures txt2img at batch 1 only" if cfg.mode != "txt2img" or cfg.batch != 1 or cfg.sweep else None
+            if reason is None:
+                from sdrt_export.bench_peers import support
+
+                reason = support(model)
+        if reason:
+            log.info("--compare %s skipped: %s", name, reason)
+            skipped[name] = reason
+        else:
+            run.append((name, cfg.engines if name == "openvino" else model))
+    return run, skipped
+
+
+def unet_work(cfg: BenchConfig, manifest, point: tuple[int, int, int]) -> dict:
+    """FLOPs of one UNet call at this point (CFG doubles the batch), counted once from the artifact's ONNX."""
+    from sdrt.specs import UNET
+
+    if _missing("onnx", "sdrt_export"):
+        return {"error": "FLOPs not counted: needs onnx and sdrt_export (pip install 'sdrt[export]')"}
+    from sdrt_export.flops import graph_flops
+
+    width, height, batch = point
+    unet_batch = batch * (2 if cfg.guidance > 1 else 1)
+    try:
+        counted = graph_flops(manifest.verified_path(UNET), manifest.specs[UNET].shapes(unet_batch, height, width))
+    except (ValueError, OSError) as exc:
+        return {"error": f"FLOPs not counted: {exc}"}
+    return {"flops": counted["total"], "by_op": counted["by_op"], "unet_batch": unet_batch,
+            "graph": f"{UNET} ONNX as exported (sha256 {counted['graph_sha256'][:12]})"}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every system (cold start, warmup, alternating timed runs); return the full report."""
     points = plan(cfg)
+    manifest = load_manifest(cfg.engines)
     threads = cfg.threads or len(os.sched_getaffinity(0))
-    systems = [("sdrt", "sdrt.bench", cfg.engines)]
-    if cfg.compare_diffusers:
-        _check_diffusers_installed()
-        systems.append(("diffusers", "sdrt_export.bench_diffusers", cfg.compare_diffusers))
+    systems, skipped = peer_systems(cfg, manifest)
+    cpu = machine.cpu_info(threads)
+    log.info("machine: %s; %s", machine.describe(cpu), machine.peak_line(cpu))
     workers: dict[str, Worker] = {}
     cold: dict[str, dict] = {}
+    loaded_info: dict[str, dict] = {}
     runs = len(systems) * (1 + len(points) * (cfg.warmup + cfg.runs))  # cold starts, warmups, timed runs
     with progress_bar(total=runs, desc="bench", unit="run") as bar:
         try:
             first = _request(cfg, points[0])
-            for name, module, source in systems:
+            for name, source in systems:
                 log.info("%s: cold start (fresh process, load, first %dx%d run)", name, *points[0][:2])
                 bar.set_postfix_str(f"{name}: cold start")
-                worker = workers[name] = Worker(name, module, threads)
-                load = worker.ask("load", engines=source, model=source, threads=threads, mode=cfg.mode,
-                                  backend=cfg.backend)
-                loaded = time.perf_counter()
-                first_run = worker.ask("run", **first)
+                try:
+                    worker = workers[name] = Worker(name, MODULES[name], threads)
+                    load = worker.ask("load", engines=source, model=source, threads=threads, mode=cfg.mode,
+                                      batch=cfg.batch, backend="openvino" if name == "openvino" else cfg.backend)
+                    loaded = time.perf_counter()
+                    first_run = worker.ask("run", **first)
+                except SdrtError as exc:
+                    if name == "sdrt":
+                        raise
+                    log.warning("--compare %s skipped: %s", name, exc)
+                    skipped[name] = f"failed: {exc}"
+                    workers.pop(name).close()
+                    continue
                 cold[name] = {"process_start_s": worker.process_start, "load_s": load["seconds"],
                               "first_run_s": time.perf_counter() - loaded,
                               "total_s": time.perf_counter() - worker.launched,
                               "first_run_stages": first_run["timings"]}
+                loaded_info[name] = {k: load[k] for k in ("precision", "backend", "notes") if k in load}
                 bar.update(1)
             results = []
             for point in points:
@@ -256,13 +259,19 @@ def run_bench(cfg: BenchConfig) -> dict:
                         bar.update(1)
                         if i >= cfg.warmup:
                             samples[name].append(timings)
-                results.append(bench_report.point_summary(point, samples))
+                results.append(bench_report.point_summary(point, samples, unet_work(cfg, manifest, point), cpu))
             infos = {name: w.info for name, w in workers.items()}
             rss = {name: w.peak_rss for name, w in workers.items()}
         finally:
             for worker in workers.values():
                 worker.close()
-    return bench_report.report(asdict(cfg) | {"points": [list(p) for p in points]}, threads, cold, rss, infos, results)
+    config = asdict(cfg) | {"points": [list(p) for p in points], "compare": list(cfg.compare)}
+    rep = bench_report.report(config, threads, cold, rss, infos, results)
+    rep["machine"]["cpu_info"] = cpu
+    rep["skipped"] = skipped
+    for name, extra in loaded_info.items():
+        rep["systems"][name].update(extra)
+    return rep
 
 
 def _request(cfg: BenchConfig, point: tuple[int, int, int]) -> dict:
@@ -272,12 +281,21 @@ def _request(cfg: BenchConfig, point: tuple[int, int, int]) -> dict:
             "scheduler": cfg.scheduler, "mode": cfg.mode, "strength": cfg.strength}
 
 
+def _compare_list(text: str | None) -> tuple:
+    """'diffusers,openvino,sdcpp' -> ('diffusers', 'openvino', 'sdcpp'); 'all' -> every peer."""
+    if not text:
+        return ()
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    return PEERS if names == ["all"] else tuple(dict.fromkeys(names))
+
+
 def cmd_bench(args) -> dict:
     """The CLI entry: run, write --json / --plot, return the report with the table as its message."""
     cfg = BenchConfig(engines=args.engines, width=args.width, height=args.height, steps=args.steps, batch=args.batch,
                       scheduler=args.scheduler, guidance=args.guidance, runs=args.runs, warmup=args.warmup,
                       threads=args.threads, mode=args.mode, strength=args.strength, seed=args.seed,
-                      compare_diffusers=args.compare_diffusers, sweep=args.sweep, backend=args.backend)
+                      compare_diffusers=args.compare_diffusers, sweep=args.sweep, backend=args.backend,
+                      compare=_compare_list(getattr(args, "compare", None)), model=getattr(args, "model", None))
     if args.plot and not args.plot.lower().endswith(".png"):
         raise InputError(f"--plot must name a .png file, got {args.plot}")
     report = run_bench(cfg)

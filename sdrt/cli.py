@@ -292,12 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one per --controlnet (default: a synthetic picture)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("bench", help="per-stage latency, cold start and peak RSS (optionally against diffusers)",
+    p = sub.add_parser("bench", help="per-stage latency, cold start and peak RSS (optionally against its CPU peers)",
                        description="Per stage p50/p90/p99/min, cold start and peak RSS, each system in its own "
-                                   "process; with --compare-diffusers the two run alternately, same thread count.",
+                                   "process; with --compare (or --compare-diffusers) the systems run alternately, "
+                                   "same thread count; the UNet also as GFLOP/s and share of this CPU's fp32 peak.",
                        epilog=examples("sdrt bench --engines engines/sd15 --steps 20",
                                        "sdrt bench --engines engines/sd15 --compare-diffusers ./sd15 --json out.json "
                                        "--plot out.png",
+                                       "sdrt bench --engines engines/sd15 --compare diffusers,openvino,sdcpp "
+                                       "--model ./sd15 --steps 2",
                                        "sdrt bench --engines engines/sd15 --sweep --runs 3"))
     g = p.add_argument_group("artifact and request")
     g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
@@ -319,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("comparison and output")
     g.add_argument("--compare-diffusers", metavar="MODEL_DIR", default=None,
                    help="also run the diffusers pipeline from this folder, alternating runs (needs torch)")
+    g.add_argument("--compare", metavar="PEERS", default=None,
+                   help="comma-separated peers run alternately with sdrt on the same request and threads: "
+                        "diffusers, openvino (the artifact's ONNX on OpenVINO), sdcpp (stable-diffusion.cpp), "
+                        "or all; a peer not installed is skipped with the reason")
+    g.add_argument("--model", metavar="MODEL_DIR", default=None,
+                   help="the diffusers folder for the diffusers and sdcpp peers (default: the export's source)")
     g.add_argument("--json", dest="json_out", metavar="FILE", default=None, help="write every measured field here")
     g.add_argument("--plot", metavar="FILE.png", default=None, help="latency vs resolution plot (needs matplotlib)")
     p.set_defaults(func=cmd_bench)

@@ -2,7 +2,8 @@
 
 Backends run one component each and know nothing about guidance, schedulers or images. The ort-*
 backends run the exported ONNX, or the graphs ``sdrt build-engines`` optimized for them when the
-manifest records some; tensorrt / tensorrt-rtx run built engines only (see ``tensorrt.py``).
+manifest records some; tensorrt / tensorrt-rtx run built engines only (see ``tensorrt.py``); openvino runs
+the exported ONNX through OpenVINO (see ``openvino.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sdrt.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx", "openvino")
 
 
 class Engine(Protocol):
@@ -31,6 +32,10 @@ def open_engine(manifest: Manifest, component: str, backend: str = "ort-cpu", th
         from sdrt.backends.tensorrt import open_tensorrt
 
         return open_tensorrt(manifest, component, backend, cuda_graph=cuda_graph)
+    if backend == "openvino":  # the exported ONNX through OpenVINO's CPU plugin (bf16 on AVX512_BF16 CPUs)
+        from sdrt.backends.openvino import OpenVinoEngine
+
+        return OpenVinoEngine(manifest.verified_path(component), manifest.specs[component], threads=threads)
     from sdrt.backends.ort import OrtEngine, ort
 
     record = manifest.engines(backend).get("components", {}).get(component)

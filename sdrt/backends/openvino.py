@@ -1,0 +1,105 @@
+"""OpenVINO backend (CPU plugin): runs the artifact's own ONNX through OpenVINO's ONNX frontend.
+
+``Core().read_model(onnx)`` then ``compile_model`` once per input shape (the model is reshaped to
+static shapes first: OpenVINO's CPU kernels are faster on static shapes; a pipeline calls each
+component with one shape per request). Precision: OpenVINO's own choice unless ``SDRT_OPENVINO_PRECISION``
+(``f32``, ``bf16``, ``f16``) sets ``INFERENCE_PRECISION_HINT`` — in its default PERFORMANCE mode the CPU
+plugin runs bf16 on CPUs with AVX512_BF16 (and AMX) and f32 elsewhere; ``precision`` reports what it
+picked, so ``sdrt verify`` can use the bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.errors import ArtifactError, InputError
+from sdrt.specs import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+PRECISION_ENV = "SDRT_OPENVINO_PRECISION"
+PRECISIONS = ("f32", "bf16", "f16")
+_COMPILED_SHAPES = 2  # compiled models kept per engine (one per distinct input shape, least recent dropped)
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise InputError("backend openvino needs the openvino package: pip install 'sdrt[openvino]'") from None
+    return openvino
+
+
+def requested_precision() -> str | None:
+    value = os.environ.get(PRECISION_ENV, "").strip().lower() or None
+    if value is not None and value not in PRECISIONS:
+        raise InputError(f"{PRECISION_ENV}={value!r}: expected one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def default_precision() -> str:
+    """The precision the CPU plugin would pick for a model on this CPU (``bf16`` or ``f32``)."""
+    ov = _openvino()
+    hint = requested_precision() or ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return _short(hint)
+
+
+def _short(hint) -> str:
+    """'bf16' / 'f32' / 'f16' from an ``openvino.Type`` or a hint string."""
+    return hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint).lower()
+
+
+class OpenVinoEngine:
+    """One component as an OpenVINO compiled model per input shape, called with the spec's input names."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, threads: int | None = None):
+        ov = _openvino()
+        self.spec = spec
+        self.core = ov.Core()
+        self.config = {"INFERENCE_NUM_THREADS": int(threads or len(os.sched_getaffinity(0))),
+                       "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if requested_precision():
+            self.config["INFERENCE_PRECISION_HINT"] = requested_precision()
+        try:
+            self.model = self.core.read_model(str(path))
+        except Exception as exc:  # OpenVINO raises its own untyped errors for bad graphs
+            raise ArtifactError(f"OpenVINO cannot read {path}: {exc}".splitlines()[0]) from None
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+        names = {name for port in self.model.inputs for name in port.get_names()}
+        missing = set(self._dtypes) - names
+        if missing:
+            raise ArtifactError(f"{path} lacks inputs {sorted(missing)} that the {spec.name} spec names; re-export")
+        self._compiled: OrderedDict = OrderedDict()
+        self.precision = default_precision()
+
+    def _compile(self, shapes: tuple):
+        if shapes in self._compiled:
+            self._compiled.move_to_end(shapes)
+            return self._compiled[shapes]
+        model = self.model.clone()
+        model.reshape({name: list(shape) for name, shape in shapes})
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        self.precision = _short(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        log.info("%s: OpenVINO compiled for %s, precision %s", self.spec.name, dict(shapes), self.precision)
+        request = compiled.create_infer_request()
+        self._compiled[shapes] = (compiled, request)
+        while len(self._compiled) > _COMPILED_SHAPES:
+            self._compiled.popitem(last=False)
+        return compiled, request
+
+    def __call__(self, feeds: dict) -> dict:
+        missing = [name for name in self._dtypes if name not in feeds]
+        if missing:
+            raise InputError(f"{self.spec.name}: missing input {missing[0]!r}")
+        inputs = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self._dtypes.items()}
+        compiled, request = self._compile(tuple((name, value.shape) for name, value in inputs.items()))
+        results = request.infer(inputs)
+        out = {}
+        for name in self.spec.output_names:
+            out[name] = np.array(results[compiled.output(name)], copy=True)
+        return out
