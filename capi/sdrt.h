@@ -39,8 +39,8 @@
  * Versioning: every params struct starts with struct_size, set by its *_params_init function.  A
  * caller compiled against an older, smaller struct keeps working: fields beyond its struct_size take
  * their defaults.  A struct_size below the first published layout (SDRT_*_PARAMS_SIZE_V1), between two
- * published layouts' sizes (it would cut a field), above 4096, or above what this library knows with any
- * unknown trailing byte nonzero, is SDRT_ERR_INPUT.
+ * published layouts' sizes (SDRT_*_PARAMS_SIZE_V<n> and sizeof; it would cut a field), above 4096, or above
+ * what this library knows with any unknown trailing byte nonzero, is SDRT_ERR_INPUT.
  */
 #ifndef SDRT_H
 #define SDRT_H
@@ -132,6 +132,11 @@ typedef struct {
     /* --- added after the first layout (SDRT_GENERATE_PARAMS_SIZE_V1 ends here) --- */
     const char *vae;             /* "full" (default, also for NULL) | "tiny": the TAESD `sdrt export
                                     --tiny-vae` added (SDRT_ERR_INPUT when the artifact has none) */
+    /* --- added after the second layout (SDRT_GENERATE_PARAMS_SIZE_V2 ends here) --- */
+    const char *rng;             /* whose generator seed reproduces, as the CLI's --rng: "cpu" (default,
+                                    also for NULL; torch.Generator("cpu")) | "cuda" | "cuda:GPU" (GPU a name:
+                                    "h100", "a100", "4090", "t4", ... or "sm=N"; torch.Generator("cuda") on
+                                    that GPU, computed on the CPU); anything else is SDRT_ERR_INPUT */
 } sdrt_generate_params;
 
 /* SDRT_ABI_VERSION of the library (compare with the header's at start-up). */
@@ -162,24 +167,30 @@ sdrt_status sdrt_image_save_png(const sdrt_image *image, const char *path, const
 
 /* Cancel: every sdrt_generate on ctx running or waiting when this is called returns
  * SDRT_ERR_CANCELLED after its current step; later calls are not affected (a cancel before a generate
- * starts does not reach it).  Any thread, any time until sdrt_context_close is called (not after: ctx is
- * freed), never blocks, async-signal-safe; ctx may be NULL (no-op). */
+ * starts does not reach it).  Any thread, any time, never blocks, async-signal-safe; ctx may be NULL or
+ * closed (no-op; see "Closed contexts"). */
 void sdrt_cancel(sdrt_context *ctx);
 
 /* ctx NULL: this thread's last error; otherwise ctx's last error (from any thread).  "" when the last
- * call succeeded; never NULL.  Valid until this thread's next call of a libsdrt function. */
+ * call succeeded; never NULL.  Valid until this thread's next call of a libsdrt function.  A closed ctx
+ * gives a message saying so. */
 const char *sdrt_last_error(const sdrt_context *ctx);
 
-/* Close ctx and free it (NULL: no-op).  The sdrt_generate calls on ctx running or waiting at that moment
- * are cancelled (SDRT_ERR_CANCELLED) and waited for; the caller must not start calls on ctx once
- * sdrt_context_close has been called (ctx is freed when it returns). */
+/* Close ctx and free what it holds (NULL or already closed: no-op).  The sdrt_generate calls on ctx
+ * running or waiting at that moment are cancelled (SDRT_ERR_CANCELLED) and waited for.
+ * Closed contexts: the handle itself stays valid memory (about 160 bytes, kept until the process exits and
+ * never reused for another context), so a call on a closed ctx is safe and refused: sdrt_generate returns
+ * SDRT_ERR_INPUT ("ctx is closed"), sdrt_last_error says it is closed, sdrt_cancel and sdrt_context_close
+ * do nothing.  ctx must still be a pointer sdrt_context_open returned. */
 void sdrt_context_close(sdrt_context *ctx);
 
 /* END CFFI DECLARATIONS */
 
-/* The first published layouts: a struct_size below these is SDRT_ERR_INPUT. */
+/* The published layouts (struct_size values a caller may pass besides the current sizeof): a struct_size
+ * below the first is SDRT_ERR_INPUT.  Each addition to a struct publishes the previous end as V<n+1>. */
 #define SDRT_CONTEXT_PARAMS_SIZE_V1 (offsetof(sdrt_context_params, log_level))
 #define SDRT_GENERATE_PARAMS_SIZE_V1 (offsetof(sdrt_generate_params, vae))
+#define SDRT_GENERATE_PARAMS_SIZE_V2 (offsetof(sdrt_generate_params, rng))
 
 #ifdef __cplusplus
 }

@@ -153,6 +153,16 @@ def _float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+def _rng(text: str) -> str:
+    """sdrt_generate_params.rng, checked as the CLI's --rng (the message names the field, not the flag)."""
+    from sdrt.rng_cuda import parse_rng
+
+    try:
+        return parse_rng(text).name
+    except InputError as exc:
+        raise InputError("rng: " + str(exc).removeprefix("--rng").lstrip(": ")) from None
+
+
 def _image(pointer, what: str):
     """An sdrt_image -> a PIL image (copied)."""
     from PIL import Image
@@ -224,7 +234,7 @@ def _generate(ctx, pipe, p, epoch, images_out, count_out, seed_out) -> None:
                "guidance": _float(p.guidance), "seed": None if p.seed == -1 else int(p.seed),
                "width": p.width or None, "height": p.height or None,
                "scheduler": _text(p.scheduler, "scheduler"), "batch": p.batch, "callback": on_step,
-               "vae": _text(p.vae, "vae", "full")}
+               "vae": _text(p.vae, "vae", "full"), "rng": _rng(_text(p.rng, "rng", "cpu"))}
     prompt = _text(p.prompt, "prompt")
     strength = None if p.strength == STRENGTH_DEFAULT else _float(p.strength)
     if mode == "txt2img":

@@ -27,10 +27,18 @@ FAST = {"steps": 2, "width": 64, "height": 64, "seed": 0}
 
 @pytest.fixture(scope="session")
 def capi(tmp_path_factory):
-    """libsdrt built by capi/build.py (what `make capi` runs) and the test program linked against it."""
+    return build_capi(tmp_path_factory)
+
+
+def build_capi(tmp_path_factory) -> Path:
+    """libsdrt built by capi/build.py (what `make capi` runs) and the test program linked against it; built
+    once per session, whichever test module asks first (tests/test_capi_fields.py too)."""
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.fail("libsdrt's tests need a C compiler (cc)")
-    out = tmp_path_factory.mktemp("capi")
+    out = tmp_path_factory.getbasetemp() / "capi-build"
+    if (out / "capi_test").exists():
+        return out
+    out.mkdir(exist_ok=True)
     subprocess.run([sys.executable, str(ROOT / "capi" / "build.py"), str(out)], check=True, capture_output=True)
     program = out / "capi_test"
     subprocess.run(["cc", "-std=c99", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'capi'}",

@@ -5,16 +5,17 @@
  * Output: one JSON object a line (results, and {"log": slot, ...} for log callback messages).
  *
  *   open SLOT [engine_dir= backend= threads= log=1 log_level= struct_size=v1|v1-1|v1+4|big0|bigx|N]
- *   gen SLOT [mode= prompt=|prompt=NULL negative= scheduler= width= height= steps= batch= guidance=
+ *   gen SLOT [mode= prompt=|prompt=NULL negative= scheduler= vae= rng= width= height= steps= batch= guidance=
  *             strength= seed= image=F.ppm mask=F.pgm out=PREFIX cancel_at=K thread_cancel_at=K reenter_at=K
  *             close_at=K (another thread closes the context at step K)
- *             struct_size=... null=ctx|params|images_out|count_out|seed_out]
+ *             struct_size=...|v2|v2+4 null=ctx|params|images_out|count_out|seed_out]
  *   parallel SLOT_A SLOT_B [gen options; outA= outB= seedA= seedB=]   (two threads, at once)
  *   parallel_open SLOT_A SLOT_B [open options]                        (two threads, at once)
  *   cycles SLOT n=N [gen options]        (N generate/free cycles; RSS after N/10 and after N)
  *   save [image=F.ppm|NULL path=|NULL parameters=]
  *   close SLOT
  *   cancel SLOT                          (sdrt_cancel with no generate running)
+ *   stale SLOT                           (every call on the context the last "close SLOT" closed)
  *   nulls                                (NULL arguments everywhere)
  */
 #define _GNU_SOURCE
@@ -29,7 +30,7 @@
 
 #define MAX_OPTS 32
 typedef struct { int n; char *key[MAX_OPTS], *value[MAX_OPTS]; } opts;
-static sdrt_context *slots[8];
+static sdrt_context *slots[8], *closed_slots[8];
 static int line_no;
 
 static const char *opt(const opts *o, const char *key, const char *fallback) {
@@ -209,6 +210,7 @@ static void *run_gen(void *arg) {
     p->negative_prompt = opt(o, "negative", NULL);
     p->scheduler = opt(o, "scheduler", NULL);
     p->vae = opt(o, "vae", NULL);
+    p->rng = opt(o, "rng", NULL);
     p->width = atoi(opt(o, "width", "0"));
     p->height = atoi(opt(o, "height", "0"));
     p->steps = atoi(opt(o, "steps", "30"));
@@ -228,6 +230,10 @@ static void *run_gen(void *arg) {
     const char *size = opt(o, "struct_size", NULL);
     if (size) p->struct_size = struct_size(size, SDRT_GENERATE_PARAMS_SIZE_V1, sizeof *p, g.extra);
     if (size && strcmp(size, "v1+4") == 0) p->vae = (const char *)~(uintptr_t)0; /* half of it is copied */
+    if (size && strncmp(size, "v2", 2) == 0) { /* the layout before rng: rng beyond struct_size is not read */
+        p->struct_size = (uint32_t)SDRT_GENERATE_PARAMS_SIZE_V2 + (strcmp(size, "v2+4") == 0 ? 4 : 0);
+        p->rng = "not read";
+    }
     const char *null = opt(o, "null", "");
     sdrt_image *images = (sdrt_image *)1; /* must be reset to NULL on failure */
     int count = -1;
@@ -330,6 +336,26 @@ static void cmd_nulls(void) {
     result("last_error(NULL)", SDRT_OK, e ? e : "(NULL)", NULL);
 }
 
+/* Calls on a closed context: refused, never a crash (the handle stays valid memory). */
+static void cmd_stale(sdrt_context *ctx) {
+    char before[512], extra[1400];
+    sdrt_cancel(ctx);
+    snprintf(before, sizeof before, "%s", sdrt_last_error(ctx));
+    sdrt_generate_params p;
+    sdrt_generate_params_init(&p);
+    p.prompt = "a photo of a cat";
+    sdrt_image *images = (sdrt_image *)1;
+    int count = -1;
+    sdrt_status status = sdrt_generate(ctx, &p, &images, &count, NULL);
+    char error[512];
+    snprintf(error, sizeof error, "%s", sdrt_last_error(NULL));
+    sdrt_context_close(ctx);
+    sdrt_context_close(ctx);
+    snprintf(extra, sizeof extra, "\"before\": %s, \"ctx_error\": %s, \"images_null\": %d, \"count\": %d",
+             js(before), js(sdrt_last_error(ctx)), images == NULL, count);
+    result("stale", status, error, extra);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     FILE *script = fopen(argv[1], "r");
@@ -365,7 +391,9 @@ int main(int argc, char **argv) {
         else if (strcmp(cmd, "parallel_open") == 0) cmd_parallel_open(slot, atoi(fields[2]), &o);
         else if (strcmp(cmd, "cycles") == 0) cmd_cycles(slot, &o);
         else if (strcmp(cmd, "save") == 0) cmd_save(&o);
-        else if (strcmp(cmd, "close") == 0) { sdrt_context_close(slots[slot]); slots[slot] = NULL;
+        else if (strcmp(cmd, "stale") == 0) cmd_stale(closed_slots[slot]);
+        else if (strcmp(cmd, "close") == 0) { sdrt_context_close(slots[slot]); closed_slots[slot] = slots[slot];
+                                              slots[slot] = NULL;
                                               result("close", SDRT_OK, sdrt_last_error(NULL), NULL); }
         else if (strcmp(cmd, "cancel") == 0) { sdrt_cancel(slots[slot]); result("cancel", SDRT_OK, "", NULL); }
         else if (strcmp(cmd, "nulls") == 0) cmd_nulls();
