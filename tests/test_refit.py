@@ -272,6 +272,7 @@ def test_refit_is_always_base_plus_deltas_and_back_to_base_restores_base(mapped,
     lora_b = {w2: base[w2] - 3, w3: base[w3] + 0.5}
 
     assert runtime.refit(engine, lora_a) == sorted([w1, w2])
+    assert runtime.refit(engine, lora_a) == [] and len(state.sets) == 1  # the set in use: nothing to do
     assert runtime.refit(engine, lora_b) == sorted([w1, w2, w3])  # w1 back to base
     np.testing.assert_array_equal(state.weights[w1], base[w1])
     np.testing.assert_array_equal(state.weights[w2], lora_b[w2])
@@ -297,8 +298,10 @@ def test_refit_is_always_base_plus_deltas_and_back_to_base_restores_base(mapped,
         runtime.refit(engine, lora_a)
     state.fail = False
     refitters = len(state.refitters)
-    runtime.refit(engine, lora_a)
-    assert len(state.refitters) == refitters + 1  # nothing half-set carried over
+    runtime.refit(engine, {})  # after a failed refit every weight it set goes back to base
+    assert len(state.refitters) == refitters + 1 and state.sets[-1] == sorted({w1, w2, w3} | set(lora_a))
+    for name in (w1, w2, w3):
+        np.testing.assert_array_equal(state.weights[name], base[name])
     with pytest.raises(InputError, match=r"in the engine, the new weights are \[1\]"):
         runtime.refit(engine, {w1: np.zeros(1, np.float32)})
     plan.not_refittable["folded"] = "no weights of this name in the parsed TensorRT network"

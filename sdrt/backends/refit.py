@@ -89,6 +89,7 @@ class Refit:
     def __init__(self, engine, plan: RefitPlan):
         self.engine, self.plan = engine, plan
         self.current: dict[str, np.ndarray] = {}  # initializer -> the array it holds now (not base)
+        self._given: dict | None = {}  # the caller's arrays of the last refit: the same again refit nothing
         self._refitter = None
         self._checked: set[str] = set()
 
@@ -129,6 +130,9 @@ class Refit:
         """Refit so that ``changed`` (initializer -> full array) holds and every other weight is base;
         return the initializers set."""
         check(self.plan, changed)
+        given = self._given
+        if given is not None and changed.keys() == given.keys() and all(changed[k] is given[k] for k in changed):
+            return []  # the set in use (the pipeline asks once per engine call)
         values = {name: self._array(name, value) for name, value in changed.items()}
         restore = [name for name in self.current if name not in values]
         if not values and not restore:
@@ -136,11 +140,12 @@ class Refit:
         wanted = {**{name: self.base(name) for name in restore}, **values}
         try:
             self._refit(wanted)
-        except BaseException:
-            self._refitter = None  # a fresh Refitter next time: nothing half-set carries over
+        except BaseException:  # the engine may hold any of these now: all go back to base on the next refit
+            self._refitter = None  # and a fresh Refitter then: nothing half-set carries over
+            self.current, self._given = {**self.current, **dict.fromkeys(wanted)}, None
             raise
         self.engine._drop_graphs()
-        self.current = values
+        self.current, self._given = values, dict(changed)
         log.info("%s: refitted %d weight(s) (%d back to base)", self.plan.component, len(wanted), len(restore))
         return sorted(wanted)
 
