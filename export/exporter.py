@@ -29,7 +29,8 @@ from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, 
 from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manifest, sha256_file, write_json_atomic
 from sdrt.progress import progress_bar
 from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build_specs
-from sdrt_export import controlnet, fp16, graph, tiny_vae
+from sdrt_export import controlnet, fp16, graph, tiny_vae, weight_map
+from sdrt_export import lora as lora_export
 from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
 from sdrt_export.wrappers import SDXL_PIPELINES, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
     unet_up_factor
@@ -228,10 +229,11 @@ def _check_scheduler(config: dict) -> None:
 
 def export_model(model, out, sizes: SizeRange | None = None, opset: int | None = None, force: bool = False,
                  progress: bool = True, precision: str = "fp32", tiny_vae_dir=None, controlnet_dirs=(),
-                 prior=None) -> dict:
+                 loras=None, prior=None) -> dict:
     """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
     with fp32 islands), with the AutoencoderTiny in ``tiny_vae_dir`` too if given, and each ControlNet folder in
-    ``controlnet_dirs`` (``controlnet.py``); return a JSON-able summary."""
+    ``controlnet_dirs`` (``controlnet.py``), with ``loras`` (``["FILE[:WEIGHT]" or (path, weight)]``, ``lora.py``)
+    merged; return a JSON-able summary."""
     start = time.perf_counter()
     from sdrt_export.kandinsky_model import find_layout  # Kandinsky 2.2: prior + decoder, its own exporter
 
@@ -275,6 +277,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
         raise OutputExistsError(f"{out} exists and is not a folder; remove it first")
 
     _quiet_hub_progress()
+    lora_deltas, lora_records = lora_export.plan(model_dir, dims, loras)  # LoRA errors before minutes of export
     work, created = None, []
     try:
         work = make_temp_dir(out, created)
@@ -286,8 +289,12 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                     if spec.name in tiny_vae.TINY_VAE_COMPONENTS else None
                 if controlnet.is_control_component(spec.name):
                     load = partial(controlnet.load_control_component, model_dir, controls, dims)
+                load = lora_export.merged_loader(load, model_dir, lora_deltas, spec.name)
                 result = export_component(model_dir, spec, work, sizes, opset,
                                           component_precision(spec.name, precision, force_upcast), load)
+                mapped = weight_map.write(work, spec.name, result["files"], load or partial(load_component, model_dir))
+                if mapped:  # torch parameter -> ONNX initializer, for run-time LoRA and TensorRT refit
+                    result["extra"] = {**result["extra"], "weight_map": mapped}
                 components[spec.name] = result
                 timings[spec.name] = result["seconds"]
         tokenizer_files = copy_tokenizer(model_dir, work)
@@ -333,6 +340,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                     "shift_factor": vae_config.get("shift_factor"),
                     "force_upcast": force_upcast},
             **tiny_section,
+            "loras": lora_records,  # merged at export: name, path, sha256, weight
             "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
         }
         write_json_atomic(work / MANIFEST_NAME, manifest)

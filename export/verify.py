@@ -151,8 +151,12 @@ def _inpaint_inputs(width: int, height: int, seed: int) -> dict:
 
 def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, height=None, seed=0,
            prompt="a photo of a cat", negative_prompt="", guidance=7.5, controlnet_dirs=None,
-           control_images=None) -> dict:
-    """Run both pipelines on the same request; return the report (``failed`` past tolerance)."""
+           control_images=None, loras=None) -> dict:
+    """Run both pipelines on the same request; return the report (``failed`` past tolerance). ``loras``
+    (``["FILE[:WEIGHT]" or (path, weight)]``): sdrt's run-time LoRA vs diffusers' ``load_lora_weights`` + ``fuse_lora``."""
+    from sdrt_export import lora as lora_export
+
+    pairs = lora_export.normalize(loras)
     sdrt_pipe = Pipeline(engines_dir)
     precision = sdrt_pipe.manifest.data.get("precision", "fp32")
     sizes = sdrt_pipe.manifest.sizes
@@ -165,9 +169,11 @@ def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, heigh
     request = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
                    height=height, **inputs)
     control = controlnet.verify_inputs(controlnet_dirs, control_images, width, height)  # {} without ControlNets
-    result = getattr(sdrt_pipe, mode)(prompt=prompt, scheduler=scheduler, **request, **control)
+    result = getattr(sdrt_pipe, mode)(prompt=prompt, scheduler=scheduler, **request, **control,
+                                      **({"loras": pairs} if pairs else {}))
     pipe = controlnet.load_reference(model_dir, controlnet_dirs, mode) if control else \
         load_reference(model_dir, mode, scheduler)
+    lora_export.fuse_reference(pipe, pairs)
     use_scheduler(pipe, scheduler)
     expected = (controlnet.reference_images if control else reference_images)(pipe, mode, prompt, **request,
                                                                               **control)
@@ -179,7 +185,8 @@ def verify(model_dir, engines_dir, *, scheduler=None, steps=4, width=None, heigh
               "steps": steps,
               "size": f"{width}x{height}", "seed": seed, "precision": precision, "stages_rel_l2": stages,
               "image_max_abs": max_abs, "image_psnr_db": psnr(result.unit_images, expected),
-              "tolerance_max_abs": IMAGE_TOLERANCE[precision], "failed": failed}
+              "tolerance_max_abs": IMAGE_TOLERANCE[precision], "failed": failed,
+              "loras": [{"path": p, "weight": w} for p, w in pairs]}
     verdict = "FAIL" if failed else "ok"
     stage_text = ", ".join(f"{k} {v:.2e}" for k, v in stages.items())
     report["message"] = (f"verify {verdict} ({mode}): image max abs {max_abs:.2e} "

@@ -49,7 +49,7 @@ def cmd_export(args) -> dict:
     return _export_module("exporter").export_model(
         args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json,
         **({"prior": args.prior} if getattr(args, "prior", None) else {}),  # Kandinsky 2.2: the prior folder
-        precision=args.precision, tiny_vae_dir=args.tiny_vae, controlnet_dirs=args.controlnet or (),
+        precision=args.precision, tiny_vae_dir=args.tiny_vae, controlnet_dirs=args.controlnet or (), loras=args.lora,
     )
 
 
@@ -74,7 +74,7 @@ def cmd_verify(args) -> dict:
     report = _export_module("verify").verify(
         args.model, args.engines, scheduler=args.scheduler, steps=args.steps, width=args.width,
         height=args.height, seed=args.seed, prompt=args.prompt,
-        **({"controlnet_dirs": args.controlnet, "control_images": args.control_image} if args.controlnet else {}),
+        **({"controlnet_dirs": args.controlnet, "control_images": args.control_image} if args.controlnet else {}), loras=args.lora,
     )
     return report
 
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sdrt build-engines --model ./sd15 --out engines/sd15 --backend tensorrt-rtx "
                                        "--gpu-targets sm86,sm89",
                                        "sdrt build-engines --model ./sd15 --out engines/sd15 --backend tensorrt "
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
+                   help="merge this LoRA (kohya/A1111 or diffusers/peft .safetensors; weight default 1) into the "
+                        "UNet / text encoders before export; repeatable; recorded in the manifest")
                                        "--static 512x512"))
     g = p.add_argument_group("input and output")
     g.add_argument("--model", metavar="MODEL_DIR", required=True,
@@ -277,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--steps 8"))
     g = p.add_argument_group("input and output")
     g.add_argument("--model", metavar="MODEL_DIR", required=True, help="the diffusers folder ENGINE_DIR came from")
+        g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
+                       help="apply this LoRA at run time (no re-export; ort backends); repeatable")
+        g.add_argument("--lora-dir", metavar="DIR", default=None,
+                       help="where A1111 prompt tags <lora:NAME:WEIGHT> find NAME.safetensors (tags are removed "
+                            "from the prompt before tokenizing)")
     g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     g = p.add_argument_group("request")
@@ -302,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sdrt bench --engines engines/sd15 --compare diffusers,openvino,sdcpp "
                                        "--model ./sd15 --steps 2",
                                        "sdrt bench --engines engines/sd15 --sweep --runs 3"))
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
+                   help="run-time LoRA in sdrt vs diffusers' load_lora_weights + fuse_lora; repeatable")
     g = p.add_argument_group("artifact and request")
     g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
     g.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")

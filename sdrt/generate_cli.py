@@ -11,6 +11,7 @@ from pathlib import Path
 from sdrt.controlnet import cli_request as control_request
 from sdrt.errors import InputError
 from sdrt.images import a1111_parameters, check_same_size, load_image, save_png
+from sdrt.lora import cli_request, infotext as lora_infotext
 from sdrt.pipeline import Pipeline
 from sdrt.progress import progress_bar
 
@@ -38,6 +39,7 @@ def run(args) -> dict:
         extra["mask"] = load_image(args.mask, "mask")
         check_same_size(extra["image"], extra["mask"])
     extra.update(control_request(args))  # --control-image IMG ..., --control-scale, --control-start/-end, --guess-mode
+    extra.update(cli_request(args))  # --lora FILE[:WEIGHT], --lora-dir DIR (bad weights and files fail here)
     pipe = Pipeline(args.engines, backend=args.backend, threads=args.threads)
     with contextlib.ExitStack() as stack:
         bars = []  # opened at the first step, so a request refused up front prints only its error line
@@ -54,9 +56,10 @@ def run(args) -> dict:
             callback=on_step, vae=getattr(args, "vae", "full"), rng=getattr(args, "rng", "cpu"), **extra)
     p = result.parameters
     sampler = args.scheduler or p["scheduler"]
-    text = a1111_parameters(p["prompt"], p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],
+    prompt, lora_fields = lora_infotext(p["prompt"], p)
+    text = a1111_parameters(prompt, p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],
                             p["width"], p["height"], **({"Denoising strength": p["strength"]}
-                                                        if args.mode != "txt2img" else {}), **rng_infotext(p["rng"]))
+                                                        if args.mode != "txt2img" else {}), **rng_infotext(p["rng"]), **lora_fields)
     saved = [str(save_png(image, path, text)) for image, path in zip(result.images, paths)]
     timings = {"load": pipe.load_seconds, **result.timings, "total": time.perf_counter() - start}
     summary = {"images": saved, "seed": result.seed, "timings_s": timings, "parameters": p}

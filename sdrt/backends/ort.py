@@ -83,7 +83,12 @@ def _open_cached(path: Path, threads: int | None, cache: Path, providers: list) 
 class OrtEngine:
     """One component as an ONNX Runtime session, called with the spec's input names."""
 
-    def __init__(self, path: Path, spec: ComponentSpec, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: Path, spec: ComponentSpec, device: str = "cpu", threads: int | None = None,
+                 initializers: dict | None = None, model_bytes: bytes | None = None):
+        """Run-time LoRA (``sdrt.lora_runtime``): ``initializers``: {name: array} replacing external-data
+        initializers of ``path`` (``SessionOptions.add_external_initializers``, which refuses others; kept alive
+        here, ORT does not copy them); ``model_bytes``: ``path``'s ONNX with its inline weights patched, opened
+        instead of it (``add_initializer`` on inline weights is ignored by the graph optimizers that fold them)."""
         self.spec = spec
         self.device = device
         providers = ["CPUExecutionProvider"]
@@ -93,10 +98,19 @@ class OrtEngine:
             providers.insert(0, "CUDAExecutionProvider")
         cache = os.environ.get(CACHE_ENV)
         try:
-            if cache and device == "cpu":
+            if cache and device == "cpu" and not initializers and model_bytes is None:
                 self.session = _open_cached(Path(path), threads, Path(cache), providers)
             else:
-                self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+                options = session_options(threads)
+                if initializers:
+                    self._initializers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                                          for a in initializers.values()]
+                    options.add_external_initializers(list(initializers), self._initializers)
+                if model_bytes is not None:  # its external data (if any) lies beside path
+                    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                     str(Path(path).parent))
+                self.session = ort.InferenceSession(str(path) if model_bytes is None else model_bytes, options,
+                                                    providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}".splitlines()[0]) from None
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():

@@ -12,6 +12,7 @@ import numpy as np
 
 from sdrt.arrays import loop_namespace
 from sdrt.backends import open_engine
+from sdrt.lora_runtime import LoraSessions
 from sdrt.manifest import load_manifest
 
 # callback(step_index, total_steps, timestep, latents) -> False to cancel
@@ -69,10 +70,13 @@ class BasePipeline:
         self.manifest = manifest if manifest is not None else load_manifest(engine_dir)
         self.backend, self.threads = backend, threads
         self._engines: dict = {}
+        self.loras = LoraSessions(self.manifest)  # run-time LoRA: the set in use and its sessions
         self.dims = self.manifest.dims
         self.load_seconds = time.perf_counter() - self._start
 
     def engine(self, name: str):
+        if self.loras.touches(name):  # a run-time LoRA set changes this component's weights
+            return self.loras.engine(name, self.backend, self.threads)
         if name not in self._engines:
             start = time.perf_counter()
             self._engines[name] = open_engine(self.manifest, name, self.backend, self.threads,

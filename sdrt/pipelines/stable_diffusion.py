@@ -23,6 +23,7 @@ from sdrt.controlnet import Control, parse_control
 from sdrt.errors import InputError
 from sdrt.guidance import check_guidance, guide, uses_cfg
 from sdrt.images import check_same_size, load_image, preprocess_image, preprocess_mask, to_uint8, to_unit
+from sdrt.lora import extract_tags, lora_parameters
 from sdrt.pipelines.base import BasePipeline, Result, StepCallback, Timings
 from sdrt.pipelines.loop import denoise
 from sdrt.rng import GeneratorList, TorchGenerator, random_seed
@@ -88,12 +89,15 @@ class StableDiffusionPipeline(BasePipeline):
     def _generate(self, mode, prompt, *, negative_prompt="", steps=30, guidance=7.5, seed=None, width=None,
                   height=None, scheduler=None, batch=1, callback: StepCallback | None = None, image=None,
                   mask=None, strength=1.0, vae="full", rng="cpu", control_images=None, control_scales=1.0,
-                  control_start=0.0, control_end=1.0, guess_mode=False) -> Result:
+                  control_start=0.0, control_end=1.0, guess_mode=False, loras=None, lora_dir=None) -> Result:
         """``rng``: whose generator ``seed`` reproduces: ``cpu`` (``torch.Generator("cpu")``, default) or
         ``cuda[:GPU]`` (``torch.Generator("cuda")`` on that GPU; see ``sdrt.rng_cuda.parse_rng``).
         ``control_images`` (one per exported ControlNet) and the other ``control_*``/``guess_mode``: see
         ``sdrt.controlnet``."""
         timings, m = Timings(), self.manifest
+        # run-time LoRA (sdrt.lora_runtime): loras=[(path, weight)] and A1111 <lora:NAME:W> tags from lora_dir
+        text, tagged = extract_tags(prompt, lora_dir)
+        active = self.loras.activate(list(loras or []) + tagged)
         control = parse_control(m, control_images, control_scales, control_start, control_end, guess_mode)
         rng = rng if isinstance(rng, RngSpec) else parse_rng(rng)
         vae_parts = self._vae_choice(vae)
@@ -120,7 +124,7 @@ class StableDiffusionPipeline(BasePipeline):
         generator = per_image_generator(seeds, batch, rng) if isinstance(seed, (list, tuple)) else rng(seed)
         cfg = uses_text_cfg(self.dims, uses_cfg(guidance))
 
-        conditioning = self.conditioner(prompt, negative_prompt, batch, cfg, width, height, guidance, timings)
+        conditioning = self.conditioner(text, negative_prompt, batch, cfg, width, height, guidance, timings)
         sched.set_timesteps(steps)
         timesteps, start = sched.timesteps, 0
         if mode != "txt2img":
@@ -151,7 +155,7 @@ class StableDiffusionPipeline(BasePipeline):
         params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
                   "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength, "vae": vae,
-                  "rng": rng.name, **(control.request.parameters() if control is not None else {})}
+                  "rng": rng.name, **lora_parameters(active), **(control.request.parameters() if control is not None else {})}
         return Result(to_uint8(unit), unit, seeds[0], timings.summary(), params, seeds)
 
     def _vae_choice(self, vae) -> tuple[str, str, float]:
