@@ -160,3 +160,26 @@ class SlowExecutor:
 def write_token(path: Path, token: str) -> Path:
     path.write_text(f"# tokens\n{token}\n")
     return path
+
+
+def controlnet_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model exported with one random ControlNet (``write_random_controlnet``: non-zero residuals),
+    sizes 64..128, max batch 2; exported once per session, whichever test module asks first (serve, C ABI)."""
+    from sdrt.specs import SizeRange
+    from sdrt_export import controlnet as cn
+    from sdrt_export.exporter import export_model
+
+    root = tmp_path_factory.getbasetemp() / "wire-controlnet"
+    out = root / "tiny-cn"
+    if not (out / "manifest.json").exists():
+        net = cn.write_random_controlnet(tiny_model_dir, root / "net0", seed=1)
+        export_model(tiny_model_dir, out, sizes=SizeRange(64, 64, 128, 2), progress=False, controlnet_dirs=[net])
+    return out
+
+
+def control_picture(width: int, height: int, seed: int) -> Image.Image:
+    """A deterministic RGB picture (gradients and noise), a stand-in for an edge or depth map."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rgb = np.stack([x * (seed % 3), y, (x + y) / 2], axis=-1) * 200 + rng.uniform(0, 55, (height, width, 3))
+    return Image.fromarray(rgb.astype(np.uint8))

@@ -141,3 +141,76 @@ def test_bad_rng_is_4xx_naming_the_field(client, route, payload, status, needles
     for needle in needles:
         assert needle in detail, (needle, detail)
     assert client.get("/sdapi/v1/options").json()["randn_source"] == "CPU"  # a refused option changes nothing
+
+
+@pytest.fixture(scope="module")
+def cn_server(tiny_model_dir, tmp_path_factory):
+    from sdrt.serve.executor import LocalExecutor
+    from tests.serve_fixtures import controlnet_artifact
+
+    executor = LocalExecutor(str(controlnet_artifact(tiny_model_dir, tmp_path_factory)), threads=1)
+    executor.warm_up()
+    srv = ThreadServer(executor)
+    yield srv
+    srv.close()
+
+
+def test_jobs_controlnet_equals_pipeline(cn_server):
+    """control_images (base64, any size: the pipeline resizes), control_scales, start/end, guess_mode give
+    Pipeline's pixels; the control image changes the result; img2img takes them too."""
+    from tests.serve_fixtures import b64_png, control_picture
+
+    pipe = cn_server.executor.pipe
+    a, b = control_picture(64, 64, 1), control_picture(80, 48, 2)
+    common = {"prompt": PROMPT, "seed": 3, "scheduler": "Euler a", **FAST}
+    control = {"control_scales": [0.7], "control_start": 0.0, "control_end": 0.75, "guess_mode": True}
+    with httpx.Client(base_url=cn_server.url, timeout=120) as client:
+        got = job_images(client, {**common, "control_images": [b64_png(a)], **control})
+        other = job_images(client, {**common, "control_images": [b64_png(b)], "control_scales": 1.5})
+        plain = job_images(client, common)
+        image = control_picture(64, 64, 7)
+        i2i = job_images(client, {**common, "mode": "img2img", "image": b64_png(image), "strength": 0.7,
+                                  "control_images": ["data:image/png;base64," + b64_png(a)]})
+    want = pipe.txt2img(PROMPT, seed=3, scheduler="Euler a", control_images=[a], **control, **FAST).images[0]
+    np.testing.assert_array_equal(pixels(got[0]), want)
+    np.testing.assert_array_equal(pixels(other[0]), pipe.txt2img(PROMPT, seed=3, scheduler="Euler a",
+                                                                 control_images=[b], control_scales=1.5,
+                                                                 **FAST).images[0])
+    np.testing.assert_array_equal(pixels(plain[0]), pipe.txt2img(PROMPT, seed=3, scheduler="Euler a",
+                                                                 **FAST).images[0])
+    np.testing.assert_array_equal(pixels(i2i[0]), pipe.img2img(image, PROMPT, strength=0.7, seed=3,
+                                                               scheduler="Euler a", control_images=[a],
+                                                               **FAST).images[0])
+    assert not np.array_equal(pixels(got[0]), pixels(other[0]))
+    assert not np.array_equal(pixels(got[0]), pixels(plain[0]))
+
+
+CN_BAD = [  # (payload, needles); the artifact has one ControlNet
+    ({"control_images": ["A", "B"]}, ["control_images: 2 image(s) for the 1 ControlNet(s)"]),
+    ({"control_images": ["not base64!"]}, ["control_images[0]", "base64"]),
+    ({"control_images": ["ok"], "control_scales": [1.0, 2.0]}, ["control_scales: 2 scale(s) for 1"]),
+    ({"control_images": ["ok"], "control_start": 0.5, "control_end": 0.5}, ["0 <= start < end <= 1"]),
+    ({"control_images": ["ok"], "control_end": 1.5}, ["control_start / control_end"]),
+    ({"control_scales": 0.5}, ["control_scales: given without control_images"]),
+    ({"guess_mode": True}, ["guess_mode: given without control_images"]),
+]
+
+
+@pytest.mark.parametrize("payload, needles", CN_BAD, ids=[json.dumps(p) for p, _ in CN_BAD])
+def test_bad_control_fields_are_400(cn_server, payload, needles):
+    from tests.serve_fixtures import b64_png, control_picture
+
+    ok = b64_png(control_picture(64, 64, 1))
+    payload = {k: ([ok if i == "ok" else i for i in v] if k == "control_images" else v) for k, v in payload.items()}
+    with httpx.Client(base_url=cn_server.url, timeout=60) as client:
+        response = client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 1, **payload})
+    assert response.status_code == 400, response.text
+    for needle in needles:
+        assert needle in response.json()["detail"], (needle, response.json())
+
+
+def test_control_images_on_an_artifact_without_controlnet(client):
+    from tests.serve_fixtures import b64_png, control_picture
+
+    response = client.post("/v1/jobs", json={"prompt": PROMPT, "control_images": [b64_png(control_picture(8, 8, 1))]})
+    assert response.status_code == 400 and "has no ControlNet" in response.json()["detail"], response.text

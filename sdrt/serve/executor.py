@@ -52,6 +52,11 @@ class GenRequest:
     infotext_extra: tuple[tuple[str, str], ...] = ()  # more "Key: value" fields for the infotext
     vae: str = "full"  # "tiny": the TAESD `sdrt export --tiny-vae` added (Pipeline's vae=)
     rng: str = "cpu"  # whose generator the seeds reproduce (Pipeline's rng=; sdrt.rng_cuda.parse_rng names)
+    control_pngs: tuple[bytes, ...] = ()  # one checked control image per ControlNet (Pipeline's control_images=)
+    control_scales: tuple[float, ...] = ()  # one per ControlNet; () = 1.0 each
+    control_start: float = 0.0
+    control_end: float = 1.0
+    guess_mode: bool = False
 
     @property
     def count(self) -> int:
@@ -93,6 +98,7 @@ def manifest_info(manifest, engine_dir) -> dict:
         "vae_scale_factor": dims.vae_scale_factor,
         "inpainting_unet": dims.unet_in_channels != dims.latent_channels,
         "scheduler": manifest.scheduler_config.get("_class_name"),
+        "controlnets": dims.controlnets or 0,
     }
 
 
@@ -208,7 +214,13 @@ def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenRe
 def pipeline_options(req: GenRequest) -> dict:
     """The Pipeline keyword arguments of ``req``'s optional fields, only those set (a family's pipeline
     need not take the others)."""
-    return {"rng": req.rng} if req.rng != "cpu" else {}
+    options: dict = {"rng": req.rng} if req.rng != "cpu" else {}
+    if req.control_pngs:
+        options.update(control_images=[decode_png(png, f"control_images[{k}]") for k, png in
+                                       enumerate(req.control_pngs)],
+                       control_scales=list(req.control_scales) or 1.0, control_start=req.control_start,
+                       control_end=req.control_end, guess_mode=req.guess_mode)
+    return options
 
 
 def decode_latents(pipe, latents):

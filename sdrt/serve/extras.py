@@ -7,14 +7,20 @@ CPU generator; ``GPU`` (A1111's default) is torch's generator on the GPU, i.e. t
 NVIDIA GPU; ``NV`` is A1111's numpy port of that CUDA generator (modules/rng_philox.py), equal to torch's
 for every draw of at most SMs x threads-per-SM values. Both ``GPU`` and ``NV`` map to sdrt's ``cuda``
 (the ``h100`` layout); name another GPU with sdrt's own ``rng`` field (``cuda:4090``).
+
+ControlNet (jobs API): ``control_images`` (base64, one per ControlNet in the artifact), ``control_scales``,
+``control_start``, ``control_end``, ``guess_mode``, as ``Pipeline``'s keyword arguments (``sdrt.controlnet``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from sdrt.errors import InputError
+from sdrt.serve import limits
 from sdrt.serve.errors import ApiError
+from sdrt.serve.executor import encode_png
 
 RANDN_SOURCES = {"CPU": "cpu", "GPU": "cuda", "NV": "cuda"}
 _FLAG = re.compile(r"^--rng:?\s*")  # parse_rng's messages name the CLI flag
@@ -57,3 +63,40 @@ def a1111_rng(payload: dict, default_source: str | None) -> str:
     if from_source is not None:
         return from_source
     return randn_source(default_source or DEFAULT_RANDN_SOURCE)
+
+
+def _fraction(value, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"{field}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def control(images, scales, start, end, guess_mode, info: dict, max_pixels: int) -> dict:
+    """ControlNet fields (diffusers' ControlNet pipelines: one image per ControlNet the artifact holds, in
+    export order, resized to the output size by the pipeline) -> GenRequest keyword arguments."""
+    defaults = {"control_scales": (scales, None), "control_start": (start, 0.0), "control_end": (end, 1.0),
+                "guess_mode": (guess_mode, False)}
+    if not images:
+        for field, (value, default) in defaults.items():
+            if value not in (None, default):
+                raise ApiError(400, f"{field}: given without control_images")
+        return {}
+    count = int(info.get("controlnets") or 0)
+    if not count:
+        raise ApiError(400, f"control_images: {info.get('name')!r} has no ControlNet (export one with `sdrt export "
+                            "--controlnet DIR`)")
+    if len(images) != count:
+        raise ApiError(400, f"control_images: {len(images)} image(s) for the {count} ControlNet(s) of this artifact; "
+                            "send one per ControlNet, in export order")
+    pngs = tuple(encode_png(limits.flatten(limits.decode_image(image, f"control_images[{k}]", max_pixels)))
+                 for k, image in enumerate(images))
+    scales = [1.0] * count if scales is None else scales if isinstance(scales, list) else [scales] * count
+    if len(scales) != count:
+        raise ApiError(400, f"control_scales: {len(scales)} scale(s) for {count} ControlNet(s); send one per net")
+    scales = tuple(_fraction(s, "control_scales") for s in scales)
+    start, end = _fraction(start, "control_start"), _fraction(end, "control_end")
+    if not 0.0 <= start < end <= 1.0:
+        raise ApiError(400, f"control_start / control_end: {start} and {end} must satisfy 0 <= start < end <= 1 "
+                            "(fractions of the denoising steps)")
+    return {"control_pngs": pngs, "control_scales": scales, "control_start": start, "control_end": end,
+            "guess_mode": bool(guess_mode)}

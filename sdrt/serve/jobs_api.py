@@ -47,7 +47,9 @@ def build(body: JobIn, info: dict, options) -> GenRequest:
     req = GenRequest(mode=body.mode, prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                      guidance=float(body.guidance), seeds=seeds_for(body.seed, body.batch), width=body.width,
                      height=body.height, scheduler=body.scheduler, strength=strength, image_png=image_png,
-                     mask_png=mask_png, vae=body.vae, rng=extras.rng_name(body.rng))
+                     mask_png=mask_png, vae=body.vae, rng=extras.rng_name(body.rng),
+                     **extras.control(body.control_images, body.control_scales, body.control_start, body.control_end,
+                                      body.guess_mode, info, options.max_image_pixels))
     return limits.check_request(req, info, options)
 
 

@@ -31,6 +31,11 @@ class JobIn(BaseModel):
     mask: StrictStr | None = None
     vae: Literal["full", "tiny"] = "full"  # tiny: the TAESD `sdrt export --tiny-vae` added
     rng: StrictStr | None = None  # cpu (default), cuda, cuda:GPU: whose generator the seed reproduces
+    control_images: list[StrictStr] | None = None  # base64 / data: URLs, one per ControlNet of the artifact
+    control_scales: Number | list[Number] | None = None  # one for all, or one per ControlNet (default 1.0)
+    control_start: Number = 0.0  # fractions of the denoising steps
+    control_end: Number = 1.0
+    guess_mode: StrictBool = False
 
 
 class OpenAIImagesIn(BaseModel):
