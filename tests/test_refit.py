@@ -5,7 +5,7 @@ On the CPU: the refit plan from the real TensorRT-RTX network parsed from the ti
 initializers, their TensorRT names, consistent with the ONNX), the flag and marks the builder gets, the
 records, plans and rebuild rules, the refusals, and the refit bookkeeping (base + deltas, back to base)
 against a stand-in ``Refitter``. TensorRT-RTX 1.7 loads the CUDA driver to build a refittable engine, so the
-real refittable build and the refit itself run in the GPU test at the end (skips, saying why, elsewhere)."""
+real refittable build and the refit itself run in test_refit_gpu.py (skips, saying why, elsewhere)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from sdrt.backends import refit as runtime
-from sdrt.backends.cuda import CudaError, gpu_info
 from sdrt.cli import main
 from sdrt.errors import ArtifactError, ExportError, InputError
 from sdrt.manifest import file_record, load_manifest
@@ -321,55 +320,3 @@ def test_base_weights_are_checked_against_the_manifest_before_use(mapped, tiny_m
     onnx_file.write_bytes(onnx_file.read_bytes()[:-1] + b"\0")
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         runtime.refit(engine, {})
-
-
-def _gpu_backend():
-    try:
-        gpu = gpu_info()
-    except CudaError as exc:
-        return None, f"needs an NVIDIA GPU with CUDA ({exc})"
-    for backend, module in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx")):
-        if importlib.util.find_spec(module):
-            return backend, ""
-    return None, f"needs tensorrt or tensorrt_rtx installed; {gpu.name} has neither"
-
-
-GPU_BACKEND, WHY_NOT = _gpu_backend()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(GPU_BACKEND is None, reason=WHY_NOT or "?")
-def test_refitted_engine_matches_onnx_runtime_with_the_same_weights_and_restores_base(mapped, tiny_model_dir,
-                                                                                      tmp_path):
-    import onnxruntime as ort
-
-    from sdrt.backends import open_engine
-    from sdrt_export.checks import random_inputs, relative_error
-
-    out = _copy(mapped, tmp_path / "e")
-    be.build_engines(tiny_model_dir, out, GPU_BACKEND, sizes=SIZES, progress=False, refit=True)
-    manifest = load_manifest(out)
-    spec = manifest.specs["unet"]
-    engine = open_engine(manifest, "unet", GPU_BACKEND, cuda_graph=True)
-    assert engine.engine.refittable
-    names = set(engine.trt.Refitter(engine.engine, engine.trt.Logger(engine.trt.Logger.WARNING)).get_all_weights())
-    assert set(engine.refit_plan.weights) <= names
-    feeds = dict(zip(spec.input_names, random_inputs(spec, 2, 64, 64, np.random.default_rng(0))))
-    base_out = engine(feeds)["out_sample"]
-    rng = np.random.default_rng(1)
-    initializers = _initializers(manifest.verified_path("unet"))
-    changed = {}
-    for name in sorted(engine.refit_plan.weights)[::3]:  # a third of the weights, as a LoRA would change them
-        array = numpy_helper.to_array(initializers[name])
-        changed[name] = (array + 0.05 * rng.standard_normal(array.shape)).astype(array.dtype)
-    options = ort.SessionOptions()
-    options.add_external_initializers(list(changed), [ort.OrtValue.ortvalue_from_numpy(a) for a in changed.values()])
-    session = ort.InferenceSession(str(manifest.verified_path("unet")), options, providers=["CPUExecutionProvider"])
-    want = session.run(["out_sample"], feeds)[0]
-    engine.refit(changed)
-    got = engine(feeds)["out_sample"]
-    assert relative_error(got, want) <= 1e-3 and relative_error(got, base_out) > 1e-2
-    engine.refit({})
-    np.testing.assert_array_equal(engine(feeds)["out_sample"], base_out)  # back to base: the base engine
-    engine.refit(changed)
-    np.testing.assert_array_equal(engine(feeds)["out_sample"], got)  # A -> base -> A gives A
