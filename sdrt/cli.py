@@ -71,6 +71,11 @@ def cmd_build_engines(args) -> dict:
 
 
 def cmd_verify(args) -> dict:
+    kandinsky = _export_module("verify_kandinsky")
+    if kandinsky.is_kandinsky_artifact(args.engines):  # two stages: prior, decoder, MoVQ checked apart
+        return kandinsky.verify(args.model, args.engines, scheduler=args.scheduler, steps=args.steps,
+                                width=args.width, height=args.height, seed=args.seed, prompt=args.prompt,
+                                prior_dir=args.prior)
     report = _export_module("verify").verify(
         args.model, args.engines, scheduler=args.scheduler, steps=args.steps, width=args.width,
         height=args.height, seed=args.seed, prompt=args.prompt,
@@ -133,8 +138,13 @@ def _add_control(g) -> None:
 def _add_request(g, mode: str) -> None:
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--negative-prompt", default="", help="what to steer away from")
-    g.add_argument("--steps", type=int, default=30, help="denoising steps")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (0 or 1: no CFG)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the pipeline's, as diffusers: 30; Kandinsky 2.2's decoder 100)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 0 or 1: no CFG (default 7.5; Kandinsky 2.2's decoder 4.0)")
+    g.add_argument("--prior-steps", type=int, default=None, help="Kandinsky 2.2: the prior's steps (default 25)")
+    g.add_argument("--prior-guidance", type=float, default=None,
+                   help="Kandinsky 2.2: the prior's guidance scale (default 4.0)")
     g.add_argument("--seed", type=int, default=None, help="default: random, printed")
     g.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
     g.add_argument("--height", type=int, default=None, help="default: the artifact's opt size")
@@ -142,9 +152,9 @@ def _add_request(g, mode: str) -> None:
                    help="e.g. 'Euler a', 'DPM++ 2M Karras', DDIM; default: the model's own")
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
     if mode != "txt2img":
-        g.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else None,
-                       help="how much of the image to redraw, in (0, 1] [img2img 0.75; inpaint as diffusers: "
-                            "1.0, SDXL 0.9999]")
+        g.add_argument("--strength", type=float, default=None,
+                       help="how much of the image to redraw, in (0, 1] [as diffusers: img2img 0.75, Kandinsky "
+                            "2.2 0.3; inpaint 1.0, SDXL 0.9999]")
 
 
 GENERATE_EXAMPLES = {
@@ -294,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="default: the artifact's opt size")
     g.add_argument("--seed", type=int, default=0, help="seed of both pipelines")
     g.add_argument("--prompt", default="a photo of a cat", help="prompt of both pipelines")
+    g.add_argument("--prior", metavar="PRIOR_DIR", default=None,
+                   help="Kandinsky 2.2: the prior folder, when --model is the decoder folder alone")
     g.add_argument("--controlnet", metavar="CONTROLNET_DIR", action="append", default=None,
                    help="check ControlNet: the folders ENGINE_DIR was exported with, in order (with --control-image)")
     g.add_argument("--control-image", metavar="IMG", action="append", default=None,

@@ -34,7 +34,8 @@ def run(args) -> dict:
     extra = {}
     if args.mode != "txt2img":
         extra["image"] = load_image(args.image, "image")
-        extra["strength"] = args.strength
+        if args.strength is not None:  # else the pipeline's default (diffusers': it differs per family)
+            extra["strength"] = args.strength
     if args.mode == "inpaint":
         extra["mask"] = load_image(args.mask, "mask")
         check_same_size(extra["image"], extra["mask"])
@@ -51,7 +52,7 @@ def run(args) -> dict:
             bars[0].update(1)
 
         result = getattr(pipe, args.mode)(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+            prompt=args.prompt, negative_prompt=args.negative_prompt, **request_options(args, pipe),
             seed=args.seed, width=args.width, height=args.height, scheduler=args.scheduler, batch=args.batch,
             callback=on_step, vae=getattr(args, "vae", "full"), rng=getattr(args, "rng", "cpu"), **extra)
     p = result.parameters
@@ -65,6 +66,17 @@ def run(args) -> dict:
     summary = {"images": saved, "seed": result.seed, "timings_s": timings, "parameters": p}
     summary["message"] = f"saved {', '.join(saved)} (seed {result.seed})\n" + format_timings(timings)
     return summary
+
+
+def request_options(args, pipe) -> dict:
+    """--steps / --guidance when given, else the family pipeline's defaults (diffusers': 30 / 7.5, Kandinsky
+    2.2's decoder 100 / 4.0); --prior-steps / --prior-guidance for pipelines with a prior (Kandinsky 2.2)."""
+    out = {k: getattr(args, k) for k in ("steps", "guidance") if getattr(args, k, None) is not None}
+    prior = {k: getattr(args, k) for k in ("prior_steps", "prior_guidance") if getattr(args, k, None) is not None}
+    if prior and not getattr(pipe, "has_prior", False):
+        flag = "--" + next(iter(prior)).replace("_", "-")
+        raise InputError(f"{flag} applies to Kandinsky 2.2 artifacts only; this one is {pipe.dims.family}")
+    return {**out, **prior}
 
 
 def rng_infotext(rng: str) -> dict:

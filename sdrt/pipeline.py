@@ -40,4 +40,8 @@ class Pipeline(StableDiffusionPipeline):
 
 def family_pipeline(manifest) -> type:
     """The pipeline class for an artifact's model family (``dims.family`` in its manifest)."""
+    if manifest.dims.family == "kandinsky22":  # sdrt.specs_kandinsky.FAMILY
+        from sdrt.pipelines.kandinsky import KandinskyPipeline
+
+        return KandinskyPipeline
     return StableDiffusionPipeline
