@@ -253,7 +253,9 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
     todo = [s for s in specs if force or not _is_current(manifest, backend, s.name, wanted[s.name])]
     label = LABELS.get(backend, backend)
     if not todo:
-        message = f"{label} engines in {out} are up to date ({len(specs)} cached); nothing to build"
+        natives = _native_graphs(out, backend, specs, force)
+        message = f"{label} engines in {out} are up to date ({len(specs)} cached); " + \
+            (f"wrote CPU-native graphs of {', '.join(natives)}" if natives else "nothing to build")
         return _summary(out, backend, common, [], [s.name for s in specs], exported, {}, start, message)
 
     folder = out / backend
@@ -287,11 +289,25 @@ def build_engines(model, out, backend: str, sizes: SizeRange | None = None, stat
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}{where}") from None
+    _native_graphs(out, backend, specs, force)
     load_manifest(out)  # self-check: the runtime must accept what we wrote
     cached = [s.name for s in specs if s.name not in built]
     message = (f"built {len(built)} {label} engine(s) ({', '.join(built)}) in {out} in "
                f"{time.perf_counter() - start:.1f} s" + (f"; {len(cached)} cached" if cached else ""))
     return _summary(out, backend, common, list(built), cached, exported, built, start, message)
+
+
+def _native_graphs(out: Path, backend: str, specs: list, force: bool) -> list[str]:
+    """ort-cpu: (re)write each component's CPU-native graph from its ort-cpu graph unless a current one is
+    there (``sdrt/backends/ort_native.py``); return the components written."""
+    if backend != "ort-cpu":
+        return []
+    from sdrt_export import ort_optimize
+
+    try:
+        return [s.name for s in specs if ort_optimize.write_native(load_manifest(out), s.name, force)]
+    except OSError as exc:
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def _flavour(backend: str, builder_level: int, workspace_gb: float | None, gpu_targets: str | None) -> tuple:

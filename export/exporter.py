@@ -26,12 +26,14 @@ import torch
 
 import sdrt
 from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, SdrtError
-from sdrt.manifest import FORMAT_VERSION, MANIFEST_NAME, file_record, load_manifest, sha256_file, write_json_atomic
+from sdrt.backends.ort_native import NATIVE
+from sdrt.manifest import ENGINES_KEY, FORMAT_VERSION, MANIFEST_NAME, file_record, files_digest, load_manifest, \
+    sha256_file, write_json_atomic
 from sdrt.progress import progress_bar
 from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build_specs
-from sdrt_export import controlnet, fp16, graph, tiny_vae, weight_map
+from sdrt_export import controlnet, fp16, graph, ort_optimize, tiny_vae, weight_map
 from sdrt_export import lora as lora_export
-from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch, trace_point
+from sdrt_export.checks import check_points, random_inputs, relative_error, run_torch, trace_point
 from sdrt_export.wrappers import SDXL_PIPELINES, SUPPORTED_PIPELINES, dims_from_model, load_component, read_json, \
     unet_up_factor
 
@@ -130,8 +132,10 @@ def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: Si
                 files = graph.clean_up(raw_dir / f"{spec.name}.onnx", work / f"{spec.name}.onnx")
             graph.check_model(work / files[0])
             # fp16: ORT CPU would hide fp16 overflow; check the emulated strongly typed graph instead
+            native = None  # fp32: the check's session also writes the CPU-native graph (ort_optimize.py)
             session = fp16.emulated_session(work / files[0], raw_dir) if precision == "fp16" \
-                else ort_session(work / files[0])
+                else ort_optimize.check_session(work, spec.name, files)
+            session, native = session if isinstance(session, tuple) else (session, None)
         finally:
             shutil.rmtree(raw_dir, ignore_errors=True)
         errors = []
@@ -153,7 +157,7 @@ def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: Si
     log.info("%s: exported and checked in %.1f s (export %.1f s), relative L2 error %.2e",
              spec.name, seconds, exported - start, error)
     return {"files": files, "precision": precision, "seconds": round(seconds, 2), "check_error": error,
-            "check_shapes": check_points(sizes, spec), "extra": extra}
+            "check_shapes": check_points(sizes, spec), "extra": extra, "native": native}
 
 
 def component_precision(name: str, precision: str, force_upcast: bool) -> str:
@@ -343,6 +347,10 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
             "loras": lora_records,  # merged at export: name, path, sha256, weight
             "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
         }
+        natives = {n: c["native"] for n, c in components.items() if c.get("native")}
+        if natives:  # CPU-native graphs of the fp32 components, for a fast ort-cpu load (ort_native.py)
+            manifest[ENGINES_KEY] = {NATIVE: ort_optimize.native_section(work, natives, {
+                n: files_digest(manifest["components"][n]["files"]) for n in natives})}
         write_json_atomic(work / MANIFEST_NAME, manifest)
         _set_modes(work)
         loaded = load_manifest(work)  # self-check: the runtime must accept what we wrote

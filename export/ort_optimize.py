@@ -13,14 +13,21 @@ ort-cpu graphs also get diffusers' attention rewritten into ONNX Runtime's fused
 the exported ONNX stays standard ONNX for TensorRT and other runtimes, while this graph is already
 ONNX Runtime's own and tied to its version, and it is derived from the recorded ONNX (no torch, no
 second export), so the ``onnx_sha256`` in its record still says what it was built from.
+
+Both also write CPU-native graphs (``sdrt/backends/ort_native.py``): ``sdrt export`` from its parity-check
+session (``check_session``), ``build-engines --backend ort-cpu`` from each ort-cpu graph (``write_native``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import onnxruntime as ort
+
+from sdrt.backends import ort_native
+from sdrt.manifest import Manifest, file_record
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +82,52 @@ def _fused_attention(src: Path) -> tuple[bytes | None, int]:
     fused, count = fuse_attention(onnx.load(str(src), load_external_data=False))
     log.info("%s: %d attention block(s) fused into %s", src.stem, count, ATTENTION_FUSION)
     return (fused.SerializeToString() if count else None), count
+
+
+def check_session(work: Path, name: str, files: list[str]) -> tuple[ort.InferenceSession, dict]:
+    """The export's ONNX Runtime parity-check session on ``work/files[0]``, which also writes the
+    component's CPU-native graph into ``work/ort-cpu-native``; returns (session, its record minus files'
+    digests: source, settings, file names, seconds), so the check runs on the graph the runtime loads."""
+    start = time.perf_counter()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session, names, temp = ort_native.open_saving(work / files[0], options, work, name, ["CPUExecutionProvider"])
+    for file in reversed(names):
+        (temp / file).replace(work / ort_native.NATIVE / file)
+    temp.rmdir()
+    return session, {**ort_native.settings(), "source": "onnx", "seconds": round(time.perf_counter() - start, 2),
+                     "files": [f"{ort_native.NATIVE}/{f}" for f in names]}
+
+
+def native_section(work: Path, records: dict, digests: dict) -> dict:
+    """The manifest's ``engines.ort-cpu-native`` section for the graphs ``check_session`` wrote;
+    ``digests``: component -> sha256 digest of its exported ONNX files."""
+    return {"command": None, "components": {
+        name: {**record, "source_sha256": digests[name], "files": [file_record(work, f) for f in record["files"]]}
+        for name, record in records.items()}}
+
+
+def write_native(manifest: Manifest, name: str, force: bool = False) -> dict | None:
+    """Write ``name``'s CPU-native graph from the graph the ort-cpu backend opens for it (its ort-cpu graph,
+    else the exported ONNX) unless a current one is there; return the new record (None: kept)."""
+    source = ort_native.source_of(manifest, name)
+    record = manifest.engines(ort_native.NATIVE).get("components", {}).get(name)
+    if record and not force and ort_native.problem(record, *source) is None:
+        try:
+            for file in record["files"]:
+                manifest.check_file(file)
+            return None
+        except Exception:  # noqa: BLE001 - a damaged native graph is rewritten
+            pass
+    kind, files = source
+    for file in files:
+        manifest.check_file(file)
+    start = time.perf_counter()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session, names, work = ort_native.open_saving(manifest.root / files[0]["path"], options, manifest.root, name,
+                                                  ["CPUExecutionProvider"])
+    del session
+    record = ort_native.install(manifest.root, work, names, name, source, time.perf_counter() - start)
+    log.info("%s: wrote its %s graph (from the %s graph) in %.1f s", name, ort_native.NATIVE, kind, record["seconds"])
+    return record

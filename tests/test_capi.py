@@ -234,6 +234,9 @@ def _flip_bytes(path: Path) -> None:
 def test_bad_artifact_open_and_save_errors(capi, tiny_engine_dir, inputs, tmp_path):
     tampered = Path(shutil.copytree(tiny_engine_dir, tmp_path / "tampered"))
     _flip_bytes(tampered / "unet.onnx")
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["engines"].pop("ort-cpu-native")  # so the exported unet.onnx is the graph opened (not its native copy)
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
     broken = Path(shutil.copytree(tiny_engine_dir, tmp_path / "broken"))
     (broken / "manifest.json").write_text("not json")
     image = inputs["dir"] / "in.ppm"

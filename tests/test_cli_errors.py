@@ -257,6 +257,8 @@ def test_bad_artifact(case, needles, engine_copy, out_dir, capsys):
 
 @pytest.mark.parametrize("component", ["text_encoder", "unet"])
 def test_tampered_component_refused_before_onnxruntime(component, engine_copy, out_dir, capsys, monkeypatch):
+    # without its CPU-native graphs the artifact runs the exported ONNX (tampered native graphs: test_load_time)
+    _edit_manifest(engine_copy, lambda d: d.get("engines", {}).pop("ort-cpu-native", None))
     tampered = engine_copy / f"{component}.onnx"
     _flip_bytes(tampered)
     real_session = onnxruntime.InferenceSession
@@ -327,6 +329,7 @@ def test_api_artifact_errors(tmp_path, engine_copy):
 
 
 def test_api_tampered_unet(engine_copy):
+    _edit_manifest(engine_copy, lambda d: d.get("engines", {}).pop("ort-cpu-native", None))  # run the exported ONNX
     _flip_bytes(engine_copy / "unet.onnx")
     with pytest.raises(ArtifactError, match="sha256"):
         Pipeline(engine_copy).txt2img("a cat", **FAST)

@@ -36,16 +36,6 @@ def open_engine(manifest: Manifest, component: str, backend: str = "ort-cpu", th
         from sdrt.backends.openvino import OpenVinoEngine
 
         return OpenVinoEngine(manifest.verified_path(component), manifest.specs[component], threads=threads)
-    from sdrt.backends.ort import OrtEngine, ort
+    from sdrt.backends.ort import open_ort
 
-    record = manifest.engines(backend).get("components", {}).get(component)
-    if record and record.get("version") == ort.__version__:
-        path, _ = manifest.verified_engine(backend, component)
-    else:
-        if record:
-            log.warning("%s: the %s graph was optimized by onnxruntime %s, this is %s; running the exported ONNX "
-                        "(rebuild with `%s`)", component, backend, record.get("version"), ort.__version__,
-                        manifest.rebuild_command(backend))
-        path = manifest.verified_path(component)
-    return OrtEngine(path, manifest.specs[component], device="cuda" if backend == "ort-cuda" else "cpu",
-                     threads=threads)
+    return open_ort(manifest, component, backend, threads)

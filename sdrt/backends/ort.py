@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from sdrt.backends import ort_native
 from sdrt.errors import ArtifactError, InputError
+from sdrt.manifest import Manifest
 from sdrt.specs import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,13 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     options.enable_cpu_mem_arena = True
     options.enable_mem_pattern = True
     options.log_severity_level = 3
+    return options
+
+
+def native_options(threads: int | None) -> ort.SessionOptions:
+    """For a CPU-native graph: already optimized for this CPU, so no graph optimization at load."""
+    options = session_options(threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
 
 
@@ -80,15 +89,87 @@ def _open_cached(path: Path, threads: int | None, cache: Path, providers: list) 
     return session
 
 
+def open_ort(manifest: Manifest, component: str, backend: str = "ort-cpu", threads: int | None = None,
+             **engine_options) -> "OrtEngine":
+    """Open one component for an ort-* backend after checking the files it uses against the manifest.
+    ort-cpu opens the component's CPU-native graph when one matches this CPU and ONNX Runtime
+    (``ort_native.py``), else the graph ``sdrt build-engines`` optimized, else the exported ONNX.
+    ``engine_options`` go to ``OrtEngine`` (``initializers`` keeps to the portable graph, whose names they use)."""
+    spec = manifest.specs[component]
+    if backend == "ort-cpu" and not os.environ.get(CACHE_ENV) and not engine_options.get("initializers"):
+        return _open_cpu(manifest, component, spec, threads)  # SDRT_ORT_CACHE: the user's own cache instead
+    record = manifest.engines(backend).get("components", {}).get(component)
+    if record and record.get("version") == ort.__version__:
+        path, _ = manifest.verified_engine(backend, component)
+    else:
+        if record:
+            log.warning("%s: the %s graph was optimized by onnxruntime %s, this is %s; running the exported ONNX "
+                        "(rebuild with `%s`)", component, backend, record.get("version"), ort.__version__,
+                        manifest.rebuild_command(backend))
+        path = manifest.verified_path(component)
+    return OrtEngine(path, spec, device="cuda" if backend == "ort-cuda" else "cpu", threads=threads, **engine_options)
+
+
+# what a txt2img opens, in order: its files are checked ahead, each while the one before is being opened
+AHEAD = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+def _usable_native(manifest: Manifest, component: str) -> tuple[tuple, dict | None, str | None]:
+    """(portable source (kind, files), native record or None, why that record is refused or None)."""
+    source = ort_native.source_of(manifest, component)
+    record = manifest.engines(ort_native.NATIVE).get("components", {}).get(component)
+    return source, record, ort_native.problem(record, *source) if record else None
+
+
+def _open_cpu(manifest: Manifest, component: str, spec: ComponentSpec, threads: int | None) -> "OrtEngine":
+    (kind, files), record, refused = _usable_native(manifest, component)
+    if not manifest._ahead:  # the first engine of this artifact: check the next ones on a background thread
+        ahead = []
+        for name in (n for n in AHEAD if n != component and manifest.has(n)):
+            (_, source), native, why = _usable_native(manifest, name)
+            ahead += native["files"] if native and why is None else source
+        manifest.verify_ahead(ahead)
+    fix = f"rebuild with `{manifest.rebuild_command('ort-cpu')}`" if kind == "ort-cpu" else None
+    path = manifest.root / files[0]["path"]
+    for file in files:  # the artifact stays whole: a missing or resized source is an error even when unused
+        source = manifest.root / file["path"]
+        if not source.is_file() or source.stat().st_size != file["size"]:
+            manifest.check_file(file, fix)  # raises the usual error
+    if record and refused is None:
+        try:
+            for file in record["files"]:
+                manifest.check_file(file, fix)
+        except ArtifactError as exc:
+            refused = str(exc)
+        else:
+            return OrtEngine(path, spec, threads=threads, native=manifest.root / record["files"][0]["path"])
+    for file in files:
+        manifest.check_file(file, fix)
+    if record is None:
+        log.info("%s: no %s graph in %s; opening %s with graph optimization (slower load)", component,
+                 ort_native.NATIVE, manifest.root, path.name)
+        return OrtEngine(path, spec, threads=threads)
+    log.warning("%s: its %s graph is refused: %s; opening %s instead", component, ort_native.NATIVE, refused, path.name)
+    try:
+        session = ort_native.rebuild(manifest, component, path, (kind, files), session_options(threads),
+                                     ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}".splitlines()[0]) from None
+    return OrtEngine(path, spec, threads=threads, session=session)
+
+
 class OrtEngine:
     """One component as an ONNX Runtime session, called with the spec's input names."""
 
     def __init__(self, path: Path, spec: ComponentSpec, device: str = "cpu", threads: int | None = None,
-                 initializers: dict | None = None, model_bytes: bytes | None = None):
+                 initializers: dict | None = None, native: Path | None = None,
+                 session: ort.InferenceSession | None = None, model_bytes: bytes | None = None):
         """Run-time LoRA (``sdrt.lora_runtime``): ``initializers``: {name: array} replacing external-data
         initializers of ``path`` (``SessionOptions.add_external_initializers``, which refuses others; kept alive
         here, ORT does not copy them); ``model_bytes``: ``path``'s ONNX with its inline weights patched, opened
-        instead of it (``add_initializer`` on inline weights is ignored by the graph optimizers that fold them)."""
+        instead of it (``add_initializer`` on inline weights is ignored by the graph optimizers that fold them).
+        ``native``: the verified CPU-native graph of ``path``, opened instead of it without graph
+        optimization; ``session``: a session already created on ``path``."""
         self.spec = spec
         self.device = device
         providers = ["CPUExecutionProvider"]
@@ -98,7 +179,11 @@ class OrtEngine:
             providers.insert(0, "CUDAExecutionProvider")
         cache = os.environ.get(CACHE_ENV)
         try:
-            if cache and device == "cpu" and not initializers and model_bytes is None:
+            if session is not None:
+                self.session = session
+            elif native is not None and device == "cpu" and not initializers and model_bytes is None:
+                self.session = ort.InferenceSession(str(native), native_options(threads), providers=providers)
+            elif cache and device == "cpu" and not initializers and model_bytes is None:
                 self.session = _open_cached(Path(path), threads, Path(cache), providers)
             else:
                 options = session_options(threads)
