@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import sdrt
 from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, SdrtError

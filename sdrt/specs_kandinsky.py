@@ -80,7 +80,8 @@ def build_kandinsky_specs(dims: ModelDims) -> ModelSpecs:
     f32 = "float32"
     text = ComponentSpec(
         PRIOR_TEXT_ENCODER, (TensorSpec(INPUT_IDS, "int32", (BATCH, n)),),
-        (TensorSpec(TEXT_EMBEDS, f32, (BATCH, d)), TensorSpec(LAST_HIDDEN_STATE, f32, (BATCH, n, dims.text_hidden_size))),
+        (TensorSpec(TEXT_EMBEDS, f32, (BATCH, d)),
+         TensorSpec(LAST_HIDDEN_STATE, f32, (BATCH, n, dims.text_hidden_size))),
         batch_factor=4, scale=s)
     prior = ComponentSpec(
         PRIOR,
