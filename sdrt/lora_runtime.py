@@ -1,7 +1,11 @@
 """Run-time LoRA on ONNX Runtime, no re-export: merged weights from the artifact's base weights, per LoRA set.
 
 For the active set of (file, weight) pairs, each component a LoRA touches gets a session of the exported ONNX with
-only the changed initializers replaced (``SessionOptions.add_external_initializers``). Merged weights are always
+only the changed initializers replaced: external-data ones through ``SessionOptions.add_external_initializers``,
+ones inside the .onnx by patching their bytes in a copy of the file opened from memory (ORT refuses to replace
+those as external, and ``add_initializer`` overrides are missed by the optimizers that fold weights, e.g.
+MatMul+Add fusions: measured here, half the LoRA's effect lost). TensorRT engines built with ``--refit`` are
+refitted in place instead (``refitted``; ``sdrt.backends.refit``). Merged weights are always
 computed from the base weights the weight map locates in the ONNX (memory-mapped) plus the set's deltas, never
 from a previous set's weights: switching A -> B -> A gives A exactly.
 
@@ -47,6 +51,7 @@ class LoraSessions:
         self._maps: dict = {}
         self._deltas: dict = {}
         self._engines: dict = {}
+        self._refitted: dict = {}  # TensorRT: component -> the set its engine was refitted to
 
     def weight_map(self, component: str) -> dict:
         if component not in self._maps:
@@ -74,6 +79,19 @@ class LoraSessions:
 
     def touches(self, component: str) -> bool:
         return bool(self._deltas.get(DELTA_SOURCE.get(component, component)))
+
+    def refitted(self, component: str, engine, backend: str):
+        """TensorRT: ``engine`` (built with ``--refit``) refitted in place to the set in use, from base + deltas
+        (``sdrt.backends.refit``; back to base when the set no longer touches it); other backends: ``engine``."""
+        if not backend.startswith("tensorrt"):
+            return engine
+        want = self.active if self.touches(component) else ()
+        if self._refitted.get(component, ()) != want:
+            from sdrt.backends.refit import refit
+
+            refit(engine, {k: v[0] for k, v in self.merged(component).items()} if want else {})
+            self._refitted[component] = want
+        return engine
 
     def engine(self, component: str, backend: str, threads: int | None):
         if component not in self._engines:
@@ -107,8 +125,8 @@ class LoraSessions:
         """The exported ONNX (the weight map describes it, not graphs build-engines optimized) with the merged
         weights: inline ones patched into a copy of the .onnx bytes, external-data ones handed to ONNX Runtime."""
         if not backend.startswith("ort-"):
-            raise LoraError(f"run-time LoRA runs on the ort-cpu / ort-cuda backends, not {backend}; merge the LoRA "
-                            "at export instead (sdrt export --lora FILE[:WEIGHT], then build-engines)")
+            raise LoraError(f"run-time LoRA runs on the ort-cpu / ort-cuda / tensorrt backends, not {backend}; merge "
+                            "the LoRA at export instead (sdrt export --lora FILE[:WEIGHT], then build-engines)")
         from sdrt.backends.ort import OrtEngine
 
         path = self.manifest.verified_path(component)

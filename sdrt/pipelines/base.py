@@ -75,11 +75,11 @@ class BasePipeline:
         self.load_seconds = time.perf_counter() - self._start
 
     def engine(self, name: str):
-        if self.loras.touches(name):  # a run-time LoRA set changes this component's weights
+        if self.loras.touches(name) and not self.backend.startswith("tensorrt"):  # a session with merged weights
             return self.loras.engine(name, self.backend, self.threads)
         if name not in self._engines:
             start = time.perf_counter()
             self._engines[name] = open_engine(self.manifest, name, self.backend, self.threads,
                                               cuda_graph=name in self.CUDA_GRAPH_COMPONENTS)
             self.load_seconds += time.perf_counter() - start
-        return self._engines[name]
+        return self.loras.refitted(name, self._engines[name], self.backend)  # TensorRT: refit to the set in use
