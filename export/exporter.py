@@ -299,6 +299,7 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                 mapped = weight_map.write(work, spec.name, result["files"], load or partial(load_component, model_dir))
                 if mapped:  # torch parameter -> ONNX initializer, for run-time LoRA and TensorRT refit
                     result["extra"] = {**result["extra"], "weight_map": mapped}
+                    result["files"] = [*result["files"], mapped["path"]]  # hashed with the component's files
                 components[spec.name] = result
                 timings[spec.name] = result["seconds"]
         tokenizer_files = copy_tokenizer(model_dir, work)
