@@ -106,17 +106,17 @@ class Refit:
         if entry.get("file") is None or entry.get("offset") is None:
             raise ArtifactError(f"the refit plan of {self.plan.component} does not say where {name} lies; "
                                 f"rebuild with `{self.plan.fix}`")
-        relpath = Path(entry["file"]).as_posix()
-        if relpath not in self._checked:
-            manifest = self.plan.manifest
-            record = next((r for r in manifest.component(self.plan.component)["files"] if r["path"] == relpath), None)
-            if record is None:
-                raise ArtifactError(f"{name} lies in {relpath}, which is not a file of {self.plan.component}; "
-                                    f"rebuild with `{self.plan.fix}`")
+        manifest = self.plan.manifest  # the weight map names files relative to the ONNX file's folder
+        record = next((r for r in manifest.component(self.plan.component)["files"]
+                       if Path(r["path"]).name == entry["file"]), None)
+        if record is None:
+            raise ArtifactError(f"{name} lies in {entry['file']}, which is not a file of {self.plan.component}; "
+                                f"rebuild with `{self.plan.fix}`")
+        if record["path"] not in self._checked:
             manifest.check_file(record)
-            self._checked.add(relpath)
-        return np.memmap(self.plan.root / relpath, dtype=entry["dtype"], mode="r", offset=int(entry["offset"]),
-                         shape=tuple(entry["shape"]))
+            self._checked.add(record["path"])
+        return np.memmap(self.plan.root / record["path"], dtype=entry["dtype"], mode="r",
+                         offset=int(entry["offset"]), shape=tuple(entry["shape"]))
 
     def _array(self, name: str, value) -> np.ndarray:
         entry = self.plan.weights[name]
