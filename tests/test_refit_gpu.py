@@ -87,31 +87,21 @@ def test_refitted_engine_matches_onnx_runtime_with_the_same_weights_and_restores
 
 
 def test_refitted_pipeline_image_matches_the_ort_runtime_lora_image(refittable, tiny_model_dir, tmp_path):
-    """Refit from sdrt.lora_runtime's merged weights (base + deltas of a random kohya LoRA on the UNet and
-    the text encoder) vs the same LoRA at run time on ort-cpu; back to base vs no LoRA on ort-cpu."""
-    from sdrt.lora_runtime import LoraSessions
+    """``loras=`` on the TensorRT pipeline (engines refitted in place, sdrt.lora_runtime) vs the same LoRA at run
+    time on ort-cpu (a random kohya LoRA on the UNet and the text encoder); then no LoRA, then the LoRA again."""
     from sdrt.pipeline import Pipeline
     from sdrt_export.lora_random import write_random_lora
 
-    out = refittable.root
     lora = write_random_lora(tiny_model_dir, tmp_path / "a.safetensors", components=("unet", "text_encoder"))
     request = dict(prompt="a cat", steps=3, seed=0, width=64, height=64)
-    ort_pipe = Pipeline(out, backend="ort-cpu")
+    ort_pipe = Pipeline(refittable.root, backend="ort-cpu")
     want_lora = ort_pipe.txt2img(**request, loras=[(str(lora), 0.8)]).unit_images
     want_base = ort_pipe.txt2img(**request).unit_images
     assert np.abs(want_lora - want_base).max() > 1e-2  # the LoRA changes the image
 
-    pipe = Pipeline(out, backend=GPU_BACKEND)
-    sessions = LoraSessions(pipe.manifest)
-    sessions.activate([(str(lora), 0.8)])
-    merged = {c: {k: v[0] for k, v in sessions.merged(c).items()} for c in LORA}
-    for component in LORA:
-        assert pipe.engine(component).refit(merged[component])
-    got_lora = pipe.txt2img(**request).unit_images
+    pipe = Pipeline(refittable.root, backend=GPU_BACKEND)
+    got_lora = pipe.txt2img(**request, loras=[(str(lora), 0.8)]).unit_images
     assert np.abs(got_lora - want_lora).max() <= 5e-3
-    for component in LORA:
-        pipe.engine(component).refit({})
-    assert np.abs(pipe.txt2img(**request).unit_images - want_base).max() <= 5e-3
-    for component in LORA:
-        pipe.engine(component).refit(merged[component])
-    np.testing.assert_array_equal(pipe.txt2img(**request).unit_images, got_lora)  # A -> base -> A gives A
+    assert np.abs(pipe.txt2img(**request).unit_images - want_base).max() <= 5e-3  # back to base
+    again = pipe.txt2img(**request, loras=[(str(lora), 0.8)]).unit_images
+    np.testing.assert_array_equal(again, got_lora)  # A -> base -> A gives A
