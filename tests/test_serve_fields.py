@@ -20,12 +20,25 @@ FAST = {"steps": 3, "width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine_dir):
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    """--lora-dir with one random kohya LoRA (UNet + text encoder) as sub/kohya_te.safetensors."""
+    from sdrt_export.lora_random import write_random_lora
+
+    root = tmp_path_factory.mktemp("serve-loras")
+    (root / "sub").mkdir()
+    write_random_lora(tiny_model_dir, root / "sub" / "kohya_te.safetensors", "kohya", ("unet", "text_encoder"),
+                      rank=4, alpha=2.0, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine_dir, lora_dir):
+    from sdrt.serve.app import ServeOptions
     from sdrt.serve.executor import LocalExecutor
 
     executor = LocalExecutor(str(tiny_engine_dir), threads=1)
     executor.warm_up()
-    srv = ThreadServer(executor)
+    srv = ThreadServer(executor, ServeOptions(lora_dir=str(lora_dir)))
     yield srv
     srv.close()
 
@@ -214,3 +227,59 @@ def test_control_images_on_an_artifact_without_controlnet(client):
 
     response = client.post("/v1/jobs", json={"prompt": PROMPT, "control_images": [b64_png(control_picture(8, 8, 1))]})
     assert response.status_code == 400 and "has no ControlNet" in response.json()["detail"], response.text
+
+
+def test_loras_jobs_field_and_a1111_prompt_tags(client, pipe, lora_dir):
+    """The jobs API's loras and A1111's <lora:NAME:WEIGHT> tags (resolved in --lora-dir, below it too) give
+    Pipeline(loras=...)'s pixels; a request without LoRA afterwards gives the base model's pixels again."""
+    path = str(lora_dir / "sub" / "kohya_te.safetensors")
+    common = {"prompt": PROMPT, "seed": 6, "scheduler": "Euler a", **FAST}
+    with_lora = job_images(client, {**common, "loras": [["kohya_te", 0.8]]})
+    as_object = job_images(client, {**common, "loras": [{"name": "kohya_te", "weight": 0.8}]})
+    base = job_images(client, common)
+    want = pipe.txt2img(PROMPT, seed=6, scheduler="Euler a", loras=[(path, 0.8)], **FAST).images[0]
+    np.testing.assert_array_equal(pixels(with_lora[0]), want)
+    np.testing.assert_array_equal(pixels(as_object[0]), want)
+    np.testing.assert_array_equal(pixels(base[0]), pipe.txt2img(PROMPT, seed=6, scheduler="Euler a",
+                                                                **FAST).images[0])
+    assert not np.array_equal(pixels(with_lora[0]), pixels(base[0]))
+    text = png_text(with_lora[0])
+    assert text.startswith(PROMPT + " <lora:kohya_te:0.8>\n") and "Lora hashes: " in text, text
+    tagged = f"{PROMPT} <lora:kohya_te:0.8>"
+    got = a1111(client, prompt=tagged, seed=6)
+    np.testing.assert_array_equal(pixels(got["images"][0]), pipe.txt2img(
+        tagged, seed=6, scheduler="Euler a", guidance=7.5, lora_dir=lora_dir, **FAST).images[0])
+    np.testing.assert_array_equal(pixels(got["images"][0]), want)  # the tag is removed before tokenizing
+    assert json.loads(got["info"])["infotexts"][0].startswith(tagged + "\n")
+    listed = client.get("/sdapi/v1/loras").json()
+    assert [(e["name"], e["path"]) for e in listed] == [("kohya_te", path)]
+
+
+LORA_BAD = [  # (route, payload, needles)
+    ("/v1/jobs", {"loras": [["nope", 1.0]]}, ["loras:", "no nope.safetensors"]),
+    ("/v1/jobs", {"loras": [["../sub/kohya_te", 1.0]]}, ["loras:", "no path"]),
+    ("/v1/jobs", {"loras": [["kohya_te", "heavy"]]}, ["loras[0]: the weight must be a number"]),
+    ("/v1/jobs", {"loras": [["kohya_te", 1.0, 2.0]]}, ["loras[0]: expected [NAME, WEIGHT]"]),
+    ("/v1/jobs", {"loras": "kohya_te"}, ["loras"]),
+    ("/v1/jobs", {"prompt": "a cat <lora:nope:1>"}, ["prompt:", "no nope.safetensors"]),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat <lora:kohya_te:x>"}, ["prompt:", "not a number"]),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat <lora:/etc/passwd:1>"}, ["prompt:", "no path"]),
+    ("/v1/images/generations", {"prompt": "a cat <lora:kohya_te:1:2>"}, ["prompt:", "<lora:NAME:WEIGHT>"]),
+]
+
+
+@pytest.mark.parametrize("route, payload, needles", LORA_BAD, ids=[f"{r}-{json.dumps(p)}" for r, p, _ in LORA_BAD])
+def test_bad_loras_are_400(client, route, payload, needles):
+    response = client.post(route, json={"prompt": PROMPT, "steps": 1, **payload})
+    assert response.status_code in (400, 422), response.text
+    assert response.status_code == 400 or payload["loras"] == "kohya_te"
+    detail = response.json()["detail"]
+    for needle in needles:
+        assert needle in detail, (needle, detail)
+
+
+def test_loras_need_a_lora_dir(cn_server):
+    with httpx.Client(base_url=cn_server.url, timeout=60) as client:
+        for route, body in (("/v1/jobs", {"loras": [["kohya_te", 1]]}), ("/sdapi/v1/txt2img", {"prompt": "<lora:a>"})):
+            response = client.post(route, json={"prompt": PROMPT, **body})
+            assert response.status_code == 400 and "--lora-dir" in response.json()["detail"], response.text

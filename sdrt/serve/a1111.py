@@ -59,7 +59,8 @@ def build(payload: dict, state, mode: str) -> tuple[GenRequest, dict, object]:
         raise ApiError(400, f"cfg_scale: must be a number in 0..100, got {cfg_scale!r}")
     if count > options.max_images:
         raise ApiError(400, f"batch_size * n_iter: {count} images, this server allows 1..{options.max_images}")
-    gen = dict(prompt=limits.check_text(payload.get("prompt"), "prompt", options.max_prompt_chars),
+    prompt = limits.check_text(payload.get("prompt"), "prompt", options.max_prompt_chars)
+    gen = dict(prompt=prompt, **extras.loras(prompt, None, options.lora_dir),  # <lora:NAME:W>, A1111's syntax
                negative_prompt=limits.check_text(payload.get("negative_prompt"), "negative_prompt",
                                                  options.max_prompt_chars),
                steps=get(payload, "steps", int, 50), guidance=cfg_scale,
@@ -218,6 +219,16 @@ async def set_options(request: Request):
         extras.randn_source(payload["randn_source"])
         state.a1111_randn_source = payload["randn_source"].strip().upper()
     return {}
+
+
+@router.get("/loras")
+async def list_loras(request: Request):
+    """A1111's LoRA list: the ``.safetensors`` files below ``--lora-dir`` (name = file stem, as tags use it)."""
+    from pathlib import Path
+
+    folder = _state(request).options.lora_dir
+    files = sorted(Path(folder).rglob("*.safetensors")) if folder and Path(folder).is_dir() else []
+    return [{"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}} for f in files]
 
 
 @router.get("/scripts")

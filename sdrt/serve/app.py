@@ -45,6 +45,7 @@ class ServeOptions:
     max_image_pixels: int = 4096 * 4096  # decoded input image (also under Pillow's decompression-bomb guard)
     sync_timeout: float = 3600.0  # a synchronous request waits at most this long for its job
     store: JobStore | None = None  # job records (default: in this process)
+    lora_dir: str | None = None  # --lora-dir: where <lora:NAME:W> tags and the jobs API's loras are looked up
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @property

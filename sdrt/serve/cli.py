@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import threading
 
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="jobs waiting before requests get 429")
     p.add_argument("--max-steps", type=int, default=150, help="largest steps a request may ask for")
     p.add_argument("--job-ttl", type=float, default=600.0, help="seconds finished job results are kept")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="LoRA files (.safetensors) that <lora:NAME:WEIGHT> prompt tags and the jobs API's loras name")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running jobs may take to finish before they are cancelled")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve (needs sdrt[ray])")
@@ -64,8 +67,12 @@ def options_from_args(args):
             raise InputError(f"{flag} must be at least {low}, got {value}")
     if args.job_ttl <= 0 or args.drain_timeout < 0:
         raise InputError("--job-ttl must be > 0 and --drain-timeout >= 0")
+    lora_dir = getattr(args, "lora_dir", None)
+    if lora_dir is not None and not os.path.isdir(lora_dir):
+        raise InputError(f"--lora-dir {lora_dir} is not a folder")
     return ServeOptions(max_queue=args.max_queue, max_steps=args.max_steps, job_ttl=args.job_ttl,
-                        drain_timeout=args.drain_timeout, users=users, tokens=tokens)
+                        drain_timeout=args.drain_timeout, users=users, tokens=tokens,
+                        lora_dir=os.path.abspath(lora_dir) if lora_dir else None)
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -57,6 +57,8 @@ class GenRequest:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # (path, weight): run-time LoRA (Pipeline's loras=)
+    lora_dir: str | None = None  # where the prompt's <lora:NAME:W> tags are (Pipeline's lora_dir=)
 
     @property
     def count(self) -> int:
@@ -136,12 +138,15 @@ def infotext(req: GenRequest, seed: int, width: int, height: int) -> str:
     from sdrt.images import a1111_parameters
 
     from sdrt.generate_cli import rng_infotext
+    from sdrt.lora import extract_tags, infotext as lora_infotext, lora_parameters
 
-    extra = dict(req.infotext_extra) | rng_infotext(req.rng)
+    tagged = extract_tags(req.prompt, req.lora_dir)[1] if req.lora_dir else []
+    prompt, lora_fields = lora_infotext(req.prompt, lora_parameters(list(req.loras) + tagged))  # as the CLI's
+    extra = dict(req.infotext_extra) | rng_infotext(req.rng) | lora_fields
     if req.mode != "txt2img" and req.strength is not None:
         extra.setdefault("Denoising strength", req.strength)
     sampler = req.sampler_label or req.scheduler or "default"
-    return a1111_parameters(req.prompt, req.negative_prompt, req.steps, sampler, req.guidance, seed, width,
+    return a1111_parameters(prompt, req.negative_prompt, req.steps, sampler, req.guidance, seed, width,
                             height, **extra)
 
 
@@ -215,6 +220,10 @@ def pipeline_options(req: GenRequest) -> dict:
     """The Pipeline keyword arguments of ``req``'s optional fields, only those set (a family's pipeline
     need not take the others)."""
     options: dict = {"rng": req.rng} if req.rng != "cpu" else {}
+    if req.loras:
+        options["loras"] = [tuple(pair) for pair in req.loras]
+    if req.lora_dir:
+        options["lora_dir"] = req.lora_dir
     if req.control_pngs:
         options.update(control_images=[decode_png(png, f"control_images[{k}]") for k, png in
                                        enumerate(req.control_pngs)],

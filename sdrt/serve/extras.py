@@ -8,6 +8,9 @@ NVIDIA GPU; ``NV`` is A1111's numpy port of that CUDA generator (modules/rng_phi
 for every draw of at most SMs x threads-per-SM values. Both ``GPU`` and ``NV`` map to sdrt's ``cuda``
 (the ``h100`` layout); name another GPU with sdrt's own ``rng`` field (``cuda:4090``).
 
+LoRA: ``<lora:NAME[:WEIGHT]>`` tags in the prompt (every endpoint, as A1111) and the jobs API's ``loras``
+name ``.safetensors`` files in ``sdrt serve --lora-dir DIR``; run-time LoRA as ``Pipeline(loras=...)``.
+
 ControlNet (jobs API): ``control_images`` (base64, one per ControlNet in the artifact), ``control_scales``,
 ``control_start``, ``control_end``, ``guess_mode``, as ``Pipeline``'s keyword arguments (``sdrt.controlnet``).
 """
@@ -100,3 +103,52 @@ def control(images, scales, start, end, guess_mode, info: dict, max_pixels: int)
                             "(fractions of the denoising steps)")
     return {"control_pngs": pngs, "control_scales": scales, "control_start": start, "control_end": end,
             "guess_mode": bool(guess_mode)}
+
+
+_BAD_NAME = re.compile(r"[/\\<>:\x00]|^\.|^$")
+
+
+def _lora_pairs(entries) -> list[tuple[str, object]]:
+    """The jobs API's ``loras``: [[NAME, WEIGHT], ...] or [{"name": NAME, "weight": WEIGHT}, ...] (weight 1.0)."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ApiError(400, "loras: expected a list of [NAME, WEIGHT] pairs or {name, weight} objects")
+    pairs = []
+    for k, entry in enumerate(entries):
+        if isinstance(entry, dict) and set(entry) <= {"name", "weight"} and "name" in entry:
+            pairs.append((entry["name"], entry.get("weight", 1.0)))
+        elif isinstance(entry, list) and len(entry) in (1, 2):
+            pairs.append((entry[0], entry[1] if len(entry) == 2 else 1.0))
+        else:
+            raise ApiError(400, f"loras[{k}]: expected [NAME, WEIGHT] or {{\"name\": NAME, \"weight\": WEIGHT}}")
+        if not isinstance(pairs[-1][0], str):
+            raise ApiError(400, f"loras[{k}]: the name must be a string")
+        if isinstance(pairs[-1][1], bool) or not isinstance(pairs[-1][1], (int, float)):
+            raise ApiError(400, f"loras[{k}]: the weight must be a number, got {pairs[-1][1]!r}")
+    return pairs
+
+
+def loras(prompt: str, entries, lora_dir, field: str = "prompt") -> dict:
+    """GenRequest keyword arguments for the ``loras`` entries and the ``<lora:NAME[:WEIGHT]>`` tags of ``prompt``,
+    checked here (400 naming the field): ``loras`` ((path, weight), ...) and ``lora_dir`` (when tags are present;
+    the Pipeline resolves and removes them, as ``Pipeline(..., lora_dir=)``). Each NAME is a ``.safetensors``
+    file in the server's ``--lora-dir`` (a plain name: no path, so a request names only that folder's files)."""
+    from sdrt.lora import TAG, LoraError, extract_tags
+
+    pairs, tags = _lora_pairs(entries), TAG.findall(prompt)
+    if not (pairs or tags):
+        return {}
+    where = "loras" if pairs else field
+    if not lora_dir:
+        raise ApiError(400, f"{where}: LoRAs are named in the server's LoRA folder; start it with --lora-dir DIR")
+    for name in [n for n, _ in pairs] + [t.split(":")[0] for t in tags]:
+        if _BAD_NAME.search(name):
+            raise ApiError(400, f"{where}: LoRA name {name!r} must be a file name in --lora-dir (no path, no ':')")
+    try:
+        listed = extract_tags("".join(f"<lora:{n}:{w!r}>" for n, w in pairs), lora_dir)[1] if pairs else []
+        where = field
+        extract_tags(prompt, lora_dir)
+    except LoraError as exc:
+        raise ApiError(400, f"{where}: {exc}") from None
+    return {"loras": tuple(listed), "lora_dir": str(lora_dir) if tags else None}

@@ -48,6 +48,7 @@ def build(body: JobIn, info: dict, options) -> GenRequest:
                      guidance=float(body.guidance), seeds=seeds_for(body.seed, body.batch), width=body.width,
                      height=body.height, scheduler=body.scheduler, strength=strength, image_png=image_png,
                      mask_png=mask_png, vae=body.vae, rng=extras.rng_name(body.rng),
+                     **extras.loras(body.prompt, body.loras, options.lora_dir),
                      **extras.control(body.control_images, body.control_scales, body.control_start, body.control_end,
                                       body.guess_mode, info, options.max_image_pixels))
     return limits.check_request(req, info, options)

@@ -42,7 +42,8 @@ def build(body: OpenAIImagesIn, info: dict, options) -> GenRequest:
             raise ApiError(400, f"size: expected 'WIDTHxHEIGHT' or 'auto', got {body.size!r}")
         width, height = int(match[1]), int(match[2])
     n = body.n or 1
-    req = GenRequest(mode="txt2img", prompt=limits.check_text(body.prompt, "prompt", options.max_prompt_chars),
+    prompt = limits.check_text(body.prompt, "prompt", options.max_prompt_chars)
+    req = GenRequest(mode="txt2img", prompt=prompt, **extras.loras(prompt, None, options.lora_dir),
                      negative_prompt=body.negative_prompt, steps=body.steps, guidance=float(body.guidance),
                      seeds=seeds_for(body.seed, n), width=width, height=height, scheduler=body.scheduler,
                      strength=None, image_png=None, mask_png=None, rng=extras.rng_name(body.rng))

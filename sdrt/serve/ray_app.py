@@ -132,6 +132,7 @@ def app_builder(args: dict):
     """``serve run``/``serve deploy`` entry point. ``args``: ``engines`` (required) and optionally
     ``backend``, ``threads``, ``replicas``, ``num_cpus``, ``num_gpus``, ``max_ongoing``, ``autoscale``
     ("MIN:MAX"), ``api_auth``, ``token_file``, ``max_queue``, ``max_steps``, ``job_ttl``, ``drain_timeout``,
+    ``lora_dir`` (the same path on every node),
     and ``host`` (the config's ``http_options.host``; a non-loopback host needs ``api_auth`` or ``token_file``,
     as ``sdrt serve`` refuses it otherwise)."""
     from sdrt.serve.cli import options_from_args
@@ -146,7 +147,8 @@ def app_builder(args: dict):
         max_steps=int(args.get("max_steps", 150)), job_ttl=float(args.get("job_ttl", 600)),
         drain_timeout=float(args.get("drain_timeout", 30)), ray=True, replicas=int(args.get("replicas", 1)),
         ray_address=None, ray_num_cpus=float(args.get("num_cpus", 1)), ray_num_gpus=float(args.get("num_gpus", 0)),
-        ray_max_ongoing=int(args.get("max_ongoing", 1)), ray_autoscale=args.get("autoscale"))
+        ray_max_ongoing=int(args.get("max_ongoing", 1)), ray_autoscale=args.get("autoscale"),
+        lora_dir=args.get("lora_dir"))
     return build(settings_from_args(ns), options_from_args(ns))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -36,6 +36,7 @@ class JobIn(BaseModel):
     control_start: Number = 0.0  # fractions of the denoising steps
     control_end: Number = 1.0
     guess_mode: StrictBool = False
+    loras: list[Any] | None = None  # [[NAME, WEIGHT], ...] or [{name, weight}]: files in --lora-dir
 
 
 class OpenAIImagesIn(BaseModel):
