@@ -25,7 +25,7 @@ DISTRIBUTIONS = {
 }
 FLAVOUR_RUNTIME = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt_rtx"}
 KINDS = {"ort-cpu": "optimized graphs", "ort-cuda": "optimized graphs", "tensorrt": "engines",
-         "tensorrt-rtx": "engines"}
+         "tensorrt-rtx": "engines", "openvino": "optimized graphs"}
 
 
 def _installed(names: tuple[str, ...]) -> list[dict]:
@@ -120,8 +120,8 @@ def _backend(manifest: Manifest, backend: str, installed: dict) -> dict:
     names = list(manifest.data["components"])
     info = {"kind": KINDS[backend], "built": [n for n in names if n in records],
             "missing": [n for n in names if n not in records]}
-    if backend.startswith("ort"):
-        info["runs_exported_onnx"] = True  # ort-* backends fall back to the exported ONNX
+    if backend.startswith("ort") or backend == "openvino":
+        info["runs_exported_onnx"] = True  # ort-* backends fall back to the exported ONNX; openvino runs it
     if not records:
         return info
     first = next(iter(records.values()))
