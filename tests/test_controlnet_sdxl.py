@@ -22,7 +22,8 @@ PROMPT = "a photo of a cat"
 def picture(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    rgb = np.stack([x, y, (x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.05], axis=-1) * 200 + rng.uniform(0, 55, (height, width, 3))
+    disc = (x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.05
+    rgb = np.stack([x, y, disc], axis=-1) * 200 + rng.uniform(0, 55, (height, width, 3))
     return Image.fromarray(rgb.astype(np.uint8))
 
 
@@ -53,6 +54,7 @@ def test_sdxl_controlnet_takes_the_added_conditioning_and_gives_the_sdxl_residua
     assert manifest.dims.control_residuals == layout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, control", [
     ("txt2img", dict()),
     ("txt2img", dict(control_scales=0.7, control_start=0.25, control_end=0.75, guess_mode=True)),
@@ -79,6 +81,7 @@ def test_sdxl_parity(sd, tiny_sdxl_model_dir, net, mode, control):
     assert float(np.abs(plain.unit_images - got.unit_images).max()) > 1e-3  # the control image acted
 
 
+@pytest.mark.slow
 def test_verify_controlnet_cli(artifact, tiny_sdxl_model_dir, net, capsys):
     code = main(["verify", "--model", str(tiny_sdxl_model_dir), "--engines", str(artifact), "--steps", "2",
                  "--width", "64", "--height", "64", "--controlnet", str(net), "--json"])
