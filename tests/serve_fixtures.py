@@ -183,3 +183,17 @@ def control_picture(width: int, height: int, seed: int) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
     rgb = np.stack([x * (seed % 3), y, (x + y) / 2], axis=-1) * 200 + rng.uniform(0, 55, (height, width, 3))
     return Image.fromarray(rgb.astype(np.uint8))
+
+
+def kandinsky_artifact(tmp_path_factory) -> Path:
+    """``sdrt make-model --arch tiny-kandinsky22`` exported (sizes 64..128, max batch 2), once per session."""
+    from sdrt.specs import SizeRange
+    from sdrt_export.exporter import export_model
+    from sdrt_export.make_model import make_model
+
+    root = tmp_path_factory.getbasetemp() / "wire-kandinsky"
+    out = root / "tiny-k22"
+    if not (out / "manifest.json").exists():
+        model = make_model(root / "model", arch="tiny-kandinsky22", seed=0)
+        export_model(model, out, sizes=SizeRange(min_size=64, opt_size=64, max_size=128, max_batch=2), progress=False)
+    return out

@@ -283,3 +283,45 @@ def test_loras_need_a_lora_dir(cn_server):
         for route, body in (("/v1/jobs", {"loras": [["kohya_te", 1]]}), ("/sdapi/v1/txt2img", {"prompt": "<lora:a>"})):
             response = client.post(route, json={"prompt": PROMPT, **body})
             assert response.status_code == 400 and "--lora-dir" in response.json()["detail"], response.text
+
+
+@pytest.fixture(scope="module")
+def k22_server(tmp_path_factory):
+    from sdrt.serve.executor import LocalExecutor
+    from tests.serve_fixtures import kandinsky_artifact
+
+    executor = LocalExecutor(str(kandinsky_artifact(tmp_path_factory)), threads=1)
+    executor.warm_up()
+    srv = ThreadServer(executor)
+    yield srv
+    srv.close()
+
+
+def test_kandinsky_txt2img_on_every_endpoint(k22_server):
+    """A Kandinsky 2.2 artifact: jobs API (prior_steps, prior_guidance), A1111 and OpenAI txt2img give the
+    Pipeline's pixels; the steps and guidance a request leaves out are the family's (100, 4.0)."""
+    pipe = k22_server.executor.pipe
+    assert k22_server.executor.manifest_info["defaults"]["steps"] == 100
+    kw = {"prior_steps": 3, "prior_guidance": 5.0, "steps": 2, "guidance": 3.0, "width": 64, "height": 64}
+    with httpx.Client(base_url=k22_server.url, timeout=120) as client:
+        job = job_images(client, {"prompt": PROMPT, "seed": 8, "negative_prompt": "blurry", "batch": 2, **kw})
+        webui = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 8, "cfg_scale": 3.0,
+                                                       "negative_prompt": "blurry", **kw}).json()
+        openai = client.post("/v1/images/generations", json={
+            "prompt": PROMPT, "size": "64x64", "seed": 8, "steps": 2, "guidance": 3.0, "prior_steps": 3,
+            "prior_guidance": 5.0, "negative_prompt": "blurry"}).json()
+        refused = client.post("/v1/jobs", json={"prompt": PROMPT, "control_images": ["x"]})
+    want = pipe.txt2img(PROMPT, negative_prompt="blurry", seed=[8, 9], batch=2, **kw).images
+    for png, image in zip(job, want, strict=True):
+        np.testing.assert_array_equal(pixels(png), image)
+    np.testing.assert_array_equal(pixels(webui["images"][0]), want[0])
+    np.testing.assert_array_equal(pixels(openai["data"][0]["b64_json"]), want[0])
+    assert refused.status_code == 400 and "has no ControlNet" in refused.json()["detail"]
+
+
+def test_prior_fields_on_a_stable_diffusion_artifact_are_400(client):
+    for route, body in (("/v1/jobs", {"prior_steps": 5}), ("/sdapi/v1/txt2img", {"prior_guidance": 2.0}),
+                        ("/v1/images/generations", {"prior_steps": 5})):
+        response = client.post(route, json={"prompt": PROMPT, **body})
+        assert response.status_code == 400 and "only Kandinsky 2.2 artifacts have a prior" in \
+            response.json()["detail"], response.text

@@ -67,7 +67,8 @@ def build(payload: dict, state, mode: str) -> tuple[GenRequest, dict, object]:
                seeds=fields.seeds_for(get(payload, "seed", int, -1), count), width=width, height=height,
                scheduler=sched, batch_size=batch_size, sampler_label=label or info.get("scheduler"),
                infotext_extra=tuple(extra.items()), strength=None, image_png=None, mask_png=None,
-               rng=extras.a1111_rng(payload, getattr(state, "a1111_randn_source", None)))
+               rng=extras.a1111_rng(payload, getattr(state, "a1111_randn_source", None)),
+               **extras.prior(get(payload, "prior_steps", int), get(payload, "prior_guidance", float), info, options))
     prepared = None
     if mode == "img2img":
         gen["strength"] = get(payload, "denoising_strength", float, 0.75)

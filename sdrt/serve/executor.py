@@ -59,6 +59,8 @@ class GenRequest:
     guess_mode: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # (path, weight): run-time LoRA (Pipeline's loras=)
     lora_dir: str | None = None  # where the prompt's <lora:NAME:W> tags are (Pipeline's lora_dir=)
+    prior_steps: int | None = None  # Kandinsky 2.2's prior stage; None: the pipeline's default
+    prior_guidance: float | None = None
 
     @property
     def count(self) -> int:
@@ -101,7 +103,18 @@ def manifest_info(manifest, engine_dir) -> dict:
         "inpainting_unet": dims.unet_in_channels != dims.latent_channels,
         "scheduler": manifest.scheduler_config.get("_class_name"),
         "controlnets": dims.controlnets or 0,
+        "defaults": family_defaults(manifest.family),
     }
+
+
+def family_defaults(family: str) -> dict:
+    """Steps and guidance a request that names neither gets: the family pipeline's defaults."""
+    if family == "kandinsky22":  # sdrt.specs_kandinsky.FAMILY: diffusers' KandinskyV22CombinedPipeline
+        from sdrt import specs_kandinsky as k
+
+        return {"steps": k.DEFAULT_STEPS, "guidance": k.DEFAULT_GUIDANCE, "prior_steps": k.DEFAULT_PRIOR_STEPS,
+                "prior_guidance": k.DEFAULT_PRIOR_GUIDANCE, "img2img_strength": k.DEFAULT_IMG2IMG_STRENGTH}
+    return {"steps": 30, "guidance": 7.5, "img2img_strength": 0.75}
 
 
 def decode_png(data: bytes, what: str):
@@ -224,6 +237,8 @@ def pipeline_options(req: GenRequest) -> dict:
         options["loras"] = [tuple(pair) for pair in req.loras]
     if req.lora_dir:
         options["lora_dir"] = req.lora_dir
+    options.update({k: v for k, v in (("prior_steps", req.prior_steps), ("prior_guidance", req.prior_guidance))
+                    if v is not None})
     if req.control_pngs:
         options.update(control_images=[decode_png(png, f"control_images[{k}]") for k, png in
                                        enumerate(req.control_pngs)],
@@ -241,7 +256,14 @@ def decode_latents(pipe, latents):
     from sdrt.specs import VAE_DECODER
 
     latents = np.asarray(to_host(latents), np.float32)
-    decoded = pipe.engine(VAE_DECODER)({"latent": latents / float(np.float32(pipe.manifest.vae_scaling_factor))})
+    if getattr(pipe, "has_prior", False):  # Kandinsky 2.2: MoVQ on unscaled latents; nothing to show in the prior
+        from sdrt.specs_kandinsky import MOVQ_DECODER
+
+        if latents.ndim != 4:
+            raise Cancelled("interrupted in the prior stage, before any image latents")
+        decoded = pipe.engine(MOVQ_DECODER)({"latent": latents})
+    else:
+        decoded = pipe.engine(VAE_DECODER)({"latent": latents / float(np.float32(pipe.manifest.vae_scaling_factor))})
     return to_uint8(to_unit(np.asarray(to_host(decoded["images"]), np.float32)))
 
 
@@ -267,10 +289,11 @@ class LocalExecutor:
 
     def warm_up(self) -> None:
         """Open every engine now (``Pipeline`` opens them on first use), so the first request pays no load."""
-        from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS
+        from sdrt.specs_kandinsky import IMAGE_ENCODER
 
-        with self._lock:
-            for name in [n for n in COMPONENTS + OPTIONAL_COMPONENTS if self.pipe.manifest.has(n)]:
+        with self._lock:  # every component but Kandinsky's image encoder (txt2img needs none: a constant)
+            manifest = self.pipe.manifest
+            for name in [n for n in manifest.specs.components if n != IMAGE_ENCODER and manifest.has(n)]:
                 self.pipe.engine(name)
             self._ready = True
         log.info("engines loaded from %s in %.1f s", self.engine_dir, self.pipe.load_seconds)

@@ -152,3 +152,19 @@ def loras(prompt: str, entries, lora_dir, field: str = "prompt") -> dict:
     except LoraError as exc:
         raise ApiError(400, f"{where}: {exc}") from None
     return {"loras": tuple(listed), "lora_dir": str(lora_dir) if tags else None}
+
+
+def prior(steps, guidance, info: dict, options) -> dict:
+    """Kandinsky 2.2's prior stage (``prior_steps``, ``prior_guidance``; sdrt extras in every endpoint)."""
+    if steps is None and guidance is None:
+        return {}
+    field = "prior_steps" if steps is not None else "prior_guidance"
+    if info.get("family") != "kandinsky22":
+        raise ApiError(400, f"{field}: only Kandinsky 2.2 artifacts have a prior; {info.get('name')!r} is "
+                            f"{info.get('family')}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or not 1 <= steps <= options.max_steps):
+        raise ApiError(400, f"prior_steps: must be an integer in 1..{options.max_steps}, got {steps!r}")
+    if guidance is not None and not 0 <= _fraction(guidance, "prior_guidance") <= 100:
+        raise ApiError(400, f"prior_guidance: must be a number in 0..100, got {guidance!r}")
+    return {"prior_steps": steps, "prior_guidance": None if guidance is None else float(guidance)}

@@ -41,13 +41,17 @@ def build(body: JobIn, info: dict, options) -> GenRequest:
             mask_png = encode_png(mask.convert("L"))
     elif body.image is not None or body.mask is not None:
         raise ApiError(400, "image: txt2img takes no image (set mode to img2img or inpaint)")
+    defaults = info.get("defaults", {})
     strength = body.strength if body.mode != "txt2img" else None
     if body.mode == "img2img" and strength is None:
-        strength = 0.75
-    req = GenRequest(mode=body.mode, prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
-                     guidance=float(body.guidance), seeds=seeds_for(body.seed, body.batch), width=body.width,
-                     height=body.height, scheduler=body.scheduler, strength=strength, image_png=image_png,
-                     mask_png=mask_png, vae=body.vae, rng=extras.rng_name(body.rng),
+        strength = defaults.get("img2img_strength", 0.75)
+    req = GenRequest(mode=body.mode, prompt=body.prompt, negative_prompt=body.negative_prompt,
+                     steps=defaults.get("steps", 30) if body.steps is None else body.steps,
+                     guidance=float(defaults.get("guidance", 7.5) if body.guidance is None else body.guidance),
+                     **extras.prior(body.prior_steps, body.prior_guidance, info, options),
+                     seeds=seeds_for(body.seed, body.batch), width=body.width, height=body.height,
+                     scheduler=body.scheduler, strength=strength, image_png=image_png, mask_png=mask_png, vae=body.vae,
+                     rng=extras.rng_name(body.rng),
                      **extras.loras(body.prompt, body.loras, options.lora_dir),
                      **extras.control(body.control_images, body.control_scales, body.control_start, body.control_end,
                                       body.guess_mode, info, options.max_image_pixels))

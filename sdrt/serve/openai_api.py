@@ -44,6 +44,7 @@ def build(body: OpenAIImagesIn, info: dict, options) -> GenRequest:
     n = body.n or 1
     prompt = limits.check_text(body.prompt, "prompt", options.max_prompt_chars)
     req = GenRequest(mode="txt2img", prompt=prompt, **extras.loras(prompt, None, options.lora_dir),
+                     **extras.prior(body.prior_steps, body.prior_guidance, info, options),
                      negative_prompt=body.negative_prompt, steps=body.steps, guidance=float(body.guidance),
                      seeds=seeds_for(body.seed, n), width=width, height=height, scheduler=body.scheduler,
                      strength=None, image_png=None, mask_png=None, rng=extras.rng_name(body.rng))

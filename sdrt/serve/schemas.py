@@ -19,8 +19,8 @@ class JobIn(BaseModel):
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     prompt: StrictStr
     negative_prompt: StrictStr = ""
-    steps: StrictInt = 30
-    guidance: Number = 7.5
+    steps: StrictInt | None = None  # None: the family's default (30; Kandinsky 2.2: 100)
+    guidance: Number | None = None  # None: the family's default (7.5; Kandinsky 2.2: 4.0)
     seed: StrictInt | None = None  # None or -1: random
     width: StrictInt | None = None  # None: the artifact's opt size (img2img: the image's size)
     height: StrictInt | None = None
@@ -37,6 +37,8 @@ class JobIn(BaseModel):
     control_end: Number = 1.0
     guess_mode: StrictBool = False
     loras: list[Any] | None = None  # [[NAME, WEIGHT], ...] or [{name, weight}]: files in --lora-dir
+    prior_steps: StrictInt | None = None  # Kandinsky 2.2's prior (None: 25)
+    prior_guidance: Number | None = None  # (None: 4.0)
 
 
 class OpenAIImagesIn(BaseModel):
@@ -63,6 +65,8 @@ class OpenAIImagesIn(BaseModel):
     seed: StrictInt | None = None
     scheduler: StrictStr | None = None
     rng: StrictStr | None = None
+    prior_steps: StrictInt | None = None
+    prior_guidance: Number | None = None
     stream: StrictBool | None = None
     partial_images: StrictInt | None = None
 
