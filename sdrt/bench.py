@@ -112,6 +112,8 @@ class SdrtSystem:
         out = {"tokenize": t["tokenize"], "text_encoder": t["text_encoder"], "unet_call": unet,
                "loop_overhead_step": t["loop_overhead"] / len(unet), "vae_decode": t["vae_decode"],
                "end_to_end": end_to_end}
+        if "prior" in t:  # Kandinsky 2.2: its prior's calls (JSON; the table lists the shared stages)
+            out["prior_call"] = t["prior"]
         if "vae_encode" in t:
             out["vae_encode"] = sum(t["vae_encode"]) if isinstance(t["vae_encode"], list) else t["vae_encode"]
         return out
