@@ -226,7 +226,9 @@ def test_build_engines_ort_cpu(k22_engines, k22_model, tmp_path, capsys):
         manifest.verified_engine("ort-cpu", name)
     code, out_text, _ = run(capsys, "build-engines", "--model", k22_model, "--out", out, "--backend", "ort-cpu",
                             "--json")
-    assert code == 0 and json.loads(out_text)["built"] == {} and json.loads(out_text)["exported"] is None
+    summary = json.loads(out_text)  # a second run: nothing exported or built, every component cached
+    assert code == 0 and not summary["built"] and summary["exported"] is None
+    assert set(summary["cached"]) == set(KANDINSKY_COMPONENTS)
 
 
 def test_build_engines_tensorrt_rtx(k22_engines, k22_model, tmp_path, capsys):
