@@ -120,12 +120,13 @@ def test_export_records_the_nets_and_graphs_match_the_specs(artifact, nets):
     assert build_specs(manifest.dims)["controlnet_1"].shapes(1, 64, 64)["controlnet_cond"] == (1, 3, 64, 64)
 
 
-def compare(sd, references, mode, count, *, steps=3, guidance=7.5, width=64, height=64, seed=3, **control):
+def compare(sd, references, mode, count, *, steps=3, guidance=7.5, width=64, height=64, seed=3, batch=1,
+            **control):
     images = [picture(width, height, 10 + k) for k in range(2)]
     scales = control.pop("control_scales", 1.0)
     sdrt_scales = (list(scales) + [0.0] * (2 - count)) if isinstance(scales, list) else [scales] * count + \
         [0.0] * (2 - count)
-    request = dict(steps=steps, guidance=guidance, seed=seed, width=width, height=height)
+    request = dict(steps=steps, guidance=guidance, seed=seed, width=width, height=height, batch=batch)
     extra = {}
     if mode != "txt2img":
         extra = {"image": picture(width, height, 5), "strength": 0.7 if mode == "img2img" else 1.0}
@@ -162,6 +163,11 @@ def test_txt2img_parity_two_controlnets(sd, references, control):
 def test_parity_without_cfg_and_non_square(sd, references):
     compare(sd, references, "txt2img", 2, guidance=1.0, width=96, height=64, control_scales=[0.9, 0.4],
             guess_mode=True)
+
+
+def test_parity_batch_of_two(sd, references):
+    """The control image is repeated over the batch (and doubled for CFG)."""
+    compare(sd, references, "txt2img", 2, batch=2, control_scales=[0.5, 1.0], control_start=0.34)
 
 
 def test_img2img_parity(sd, references):
@@ -242,11 +248,8 @@ def test_api_errors_are_typed(sd, tiny_engine_dir):
                    control_end=0.2)
 
 
-def test_export_refuses_a_controlnet_of_another_family(tiny_model_dir, tmp_path, capsys):
-    from sdrt_export.make_model import make_model
-
-    sdxl = make_model(tmp_path / "sdxl", arch="tiny-sdxl", seed=0)
-    foreign = cn.write_random_controlnet(sdxl, tmp_path / "sdxl-net")
+def test_export_refuses_a_controlnet_of_another_family(tiny_model_dir, tiny_sdxl_model_dir, tmp_path, capsys):
+    foreign = cn.write_random_controlnet(tiny_sdxl_model_dir, tmp_path / "sdxl-net")
     with pytest.raises(ModelError, match="does not fit this sd15 model"):
         export_model(tiny_model_dir, tmp_path / "out", progress=False, controlnet_dirs=[foreign])
     code = main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out2"), "--controlnet",
