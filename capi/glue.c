@@ -141,7 +141,8 @@ static sdrt_status normalize(sdrt_context *ctx, const void *src, void *dst, size
 }
 
 static const size_t context_layouts[] = {SDRT_CONTEXT_PARAMS_SIZE_V1};
-static const size_t generate_layouts[] = {SDRT_GENERATE_PARAMS_SIZE_V1, SDRT_GENERATE_PARAMS_SIZE_V2};
+static const size_t generate_layouts[] = {SDRT_GENERATE_PARAMS_SIZE_V1, SDRT_GENERATE_PARAMS_SIZE_V2,
+                                          SDRT_GENERATE_PARAMS_SIZE_V3};
 #define COUNT(a) (sizeof(a) / sizeof(a)[0])
 
 static int context_ok(const sdrt_context *ctx) {
@@ -191,6 +192,8 @@ SDRT_API void sdrt_generate_params_init(sdrt_generate_params *p) {
     p->guidance = 7.5f;
     p->strength = SDRT_STRENGTH_DEFAULT;
     p->seed = -1;
+    p->control_end = 1.0f;
+    p->prior_guidance = SDRT_PRIOR_GUIDANCE_DEFAULT;
 }
 
 SDRT_API sdrt_status sdrt_context_open(const sdrt_context_params *p, sdrt_context **out) {

@@ -62,8 +62,10 @@ extern "C" {
 #define SDRT_LOG_ERROR 40
 #define SDRT_LOG_CRITICAL 50
 
-/* sdrt_generate_params.strength: the mode's default (img2img 0.75; inpaint 1.0, SDXL 0.9999). */
+/* sdrt_generate_params.strength: the mode's default (img2img 0.75, Kandinsky 0.3; inpaint 1.0, SDXL 0.9999). */
 #define SDRT_STRENGTH_DEFAULT (-1.0f)
+/* sdrt_generate_params.prior_guidance: the pipeline's default (4.0). */
+#define SDRT_PRIOR_GUIDANCE_DEFAULT (-1.0f)
 
 /* BEGIN CFFI DECLARATIONS (capi/build.py hands the text up to END to cffi) */
 
@@ -137,6 +139,23 @@ typedef struct {
                                     also for NULL; torch.Generator("cpu")) | "cuda" | "cuda:GPU" (GPU a name:
                                     "h100", "a100", "4090", "t4", ... or "sm=N"; torch.Generator("cuda") on
                                     that GPU, computed on the CPU); anything else is SDRT_ERR_INPUT */
+    /* --- added after the third layout (SDRT_GENERATE_PARAMS_SIZE_V3 ends here) --- */
+    const sdrt_image *control_images; /* ControlNet (artifacts exported with --controlnet): control_count
+                                         images, one per ControlNet, in export order, any size (resized to
+                                         the output size); NULL (default): no control */
+    int control_count;           /* images in control_images; default 0 */
+    float control_start;         /* fraction of the steps where control starts, in [0, 1); default 0 */
+    float control_end;           /* ... where it ends, in (start, 1]; default 1 */
+    int guess_mode;              /* nonzero: diffusers' guess_mode; default 0 */
+    const float *control_scales; /* control_count scales (finite); NULL (default): 1.0 each */
+    const char *const *lora_paths; /* run-time LoRA: lora_count .safetensors files (kohya or peft);
+                                      NULL (default): none */
+    const float *lora_weights;   /* lora_count weights; NULL (default): 1.0 each */
+    int lora_count;              /* default 0 */
+    int prior_steps;             /* Kandinsky 2.2 artifacts: the prior's steps; 0 (default): 25 */
+    float prior_guidance;        /* the prior's guidance; SDRT_PRIOR_GUIDANCE_DEFAULT (default): 4.0.
+                                    Both are SDRT_ERR_INPUT when set for another family.  (Kandinsky's
+                                    decoder defaults are 100 steps, guidance 4.0: set steps/guidance.) */
 } sdrt_generate_params;
 
 /* SDRT_ABI_VERSION of the library (compare with the header's at start-up). */
@@ -191,6 +210,7 @@ void sdrt_context_close(sdrt_context *ctx);
 #define SDRT_CONTEXT_PARAMS_SIZE_V1 (offsetof(sdrt_context_params, log_level))
 #define SDRT_GENERATE_PARAMS_SIZE_V1 (offsetof(sdrt_generate_params, vae))
 #define SDRT_GENERATE_PARAMS_SIZE_V2 (offsetof(sdrt_generate_params, rng))
+#define SDRT_GENERATE_PARAMS_SIZE_V3 (offsetof(sdrt_generate_params, control_images))
 
 #ifdef __cplusplus
 }

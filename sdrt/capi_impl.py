@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 OK, ERR_INPUT, ERR_ARTIFACT, ERR_CANCELLED, ERR_INTERNAL, ERR_IO = 0, 2, 3, 4, 5, 6
 MODES = ("txt2img", "img2img", "inpaint")
 STRENGTH_DEFAULT = -1.0  # SDRT_STRENGTH_DEFAULT
+PRIOR_GUIDANCE_DEFAULT = -1.0  # SDRT_PRIOR_GUIDANCE_DEFAULT
+MAX_LIST = 64  # control_count / lora_count above this is an uninitialized field, not a request
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 ffi = lib = None
@@ -153,6 +155,44 @@ def _float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+def _count(count: int, what: str) -> int:
+    if not 0 <= count <= MAX_LIST:
+        raise InputError(f"{what} is {count}; it must be in 0..{MAX_LIST}")
+    return count
+
+
+def _extras(pipe, p) -> dict:
+    """The V3 fields (ControlNet, run-time LoRA, Kandinsky's prior) as Pipeline keywords, only those set."""
+    out = {}
+    count = _count(p.control_count, "control_count")
+    if count:
+        if p.control_images == ffi.NULL:
+            raise InputError(f"control_count is {count} but control_images is NULL")
+        out["control_images"] = [_image(p.control_images + k, f"control_images[{k}]") for k in range(count)]
+        out["control_scales"] = [_float(p.control_scales[k]) for k in range(count)] \
+            if p.control_scales != ffi.NULL else 1.0
+    if count or (p.control_start, p.control_end, p.guess_mode) != (0.0, 1.0, 0):
+        out.update(control_start=_float(p.control_start), control_end=_float(p.control_end),
+                   guess_mode=bool(p.guess_mode))  # without images: refused by the pipeline, naming them
+    count = _count(p.lora_count, "lora_count")
+    if count:
+        if p.lora_paths == ffi.NULL:
+            raise InputError(f"lora_count is {count} but lora_paths is NULL")
+        paths = [p.lora_paths[k] for k in range(count)]
+        if any(path == ffi.NULL for path in paths):
+            raise InputError(f"lora_paths[{[path == ffi.NULL for path in paths].index(True)}] is NULL")
+        out["loras"] = [(_path(path), _float(p.lora_weights[k]) if p.lora_weights != ffi.NULL else 1.0)
+                        for k, path in enumerate(paths)]
+    prior = {}
+    if p.prior_steps != 0:
+        prior["prior_steps"] = p.prior_steps
+    if p.prior_guidance != PRIOR_GUIDANCE_DEFAULT:
+        prior["prior_guidance"] = _float(p.prior_guidance)
+    if prior and not getattr(pipe, "has_prior", False):
+        raise InputError(f"{', '.join(prior)}: only Kandinsky 2.2 artifacts have a prior")
+    return out | prior
+
+
 def _rng(text: str) -> str:
     """sdrt_generate_params.rng, checked as the CLI's --rng (the message names the field, not the flag)."""
     from sdrt.rng_cuda import parse_rng
@@ -235,13 +275,14 @@ def _generate(ctx, pipe, p, epoch, images_out, count_out, seed_out) -> None:
                "width": p.width or None, "height": p.height or None,
                "scheduler": _text(p.scheduler, "scheduler"), "batch": p.batch, "callback": on_step,
                "vae": _text(p.vae, "vae", "full"), "rng": _rng(_text(p.rng, "rng", "cpu"))}
+    options.update(_extras(pipe, p))
     prompt = _text(p.prompt, "prompt")
     strength = None if p.strength == STRENGTH_DEFAULT else _float(p.strength)
     if mode == "txt2img":
         result = pipe.txt2img(prompt, **options)
     elif mode == "img2img":
-        result = pipe.img2img(inputs["init_image"], prompt, strength=0.75 if strength is None else strength,
-                              **options)
+        result = pipe.img2img(inputs["init_image"], prompt, **({} if strength is None else {"strength": strength}),
+                              **options)  # the family's default strength (SD 0.75, Kandinsky 0.3)
     else:
         result = pipe.inpaint(inputs["init_image"], inputs["mask_image"], prompt, strength=strength, **options)
     pixels = result.images  # (N, H, W, 3) uint8, often not C-contiguous: copied once, straight into C memory

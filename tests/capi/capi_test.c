@@ -8,7 +8,9 @@
  *   gen SLOT [mode= prompt=|prompt=NULL negative= scheduler= vae= rng= width= height= steps= batch= guidance=
  *             strength= seed= image=F.ppm mask=F.pgm out=PREFIX cancel_at=K thread_cancel_at=K reenter_at=K
  *             close_at=K (another thread closes the context at step K)
- *             struct_size=...|v2|v2+4 null=ctx|params|images_out|count_out|seed_out]
+ *             control=A.ppm[,B.ppm] control_scales=S[,S2] control_start= control_end= guess_mode= control_count=
+ *             lora=PATH[:W][,PATH2[:W2]] lora_count= prior_steps= prior_guidance=
+ *             struct_size=...|v2|v2+4|v3 null=ctx|params|images_out|count_out|seed_out]
  *   parallel SLOT_A SLOT_B [gen options; outA= outB= seedA= seedB=]   (two threads, at once)
  *   parallel_open SLOT_A SLOT_B [open options]                        (two threads, at once)
  *   cycles SLOT n=N [gen options]        (N generate/free cycles; RSS after N/10 and after N)
@@ -84,6 +86,8 @@ static void write_ppm(const char *path, const sdrt_image *image) {
     fwrite(image->data, 1, (size_t)image->width * image->height * 3, f);
     fclose(f);
 }
+
+#include "capi_lists.h" /* the V3 fields' options: control=, control_scales=, lora=, ... */
 
 /* ---------------------------------------------------------------- callbacks */
 
@@ -225,11 +229,18 @@ static void *run_gen(void *arg) {
         if (strcmp(opt(o, "bad_image", ""), "channels") == 0) init = (sdrt_image){64, 64, 2, malloc(64 * 64 * 2)};
         p->init_image = &init;
     }
+    lists l;
+    memset(&l, 0, sizeof l);
+    set_lists(p, o, &l);
     p->progress = on_progress;
     p->user_data = &s;
     const char *size = opt(o, "struct_size", NULL);
     if (size) p->struct_size = struct_size(size, SDRT_GENERATE_PARAMS_SIZE_V1, sizeof *p, g.extra);
     if (size && strcmp(size, "v1+4") == 0) p->vae = (const char *)~(uintptr_t)0; /* half of it is copied */
+    if (size && strcmp(size, "v3") == 0) { /* the layout before ControlNet/LoRA/prior: they are not read */
+        p->struct_size = (uint32_t)SDRT_GENERATE_PARAMS_SIZE_V3;
+        p->prior_steps = 12345, p->lora_count = 3, p->control_count = 2;
+    }
     if (size && strncmp(size, "v2", 2) == 0) { /* the layout before rng: rng beyond struct_size is not read */
         p->struct_size = (uint32_t)SDRT_GENERATE_PARAMS_SIZE_V2 + (strcmp(size, "v2+4") == 0 ? 4 : 0);
         p->rng = "not read";
@@ -262,6 +273,7 @@ static void *run_gen(void *arg) {
              js(sdrt_last_error(NULL)), js(error));
     free(init.data);
     free(mask.data);
+    for (int i = 0; i < 4; i++) free(l.controls[i].data);
     return NULL;
 }
 
