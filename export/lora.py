@@ -40,7 +40,8 @@ def plan(model_dir: Path, dims, loras) -> tuple[dict, list[dict]]:
     for name in LORA_COMPONENTS:
         if name == TEXT_ENCODER_2 and not dims.has_text_encoder_2:
             continue
-        targets[name] = {k: tuple(v.shape) for k, v in lora_targets(inner_model(load_component(model_dir, name))).items()}
+        weights = lora_targets(inner_model(load_component(model_dir, name)))
+        targets[name] = {k: tuple(v.shape) for k, v in weights.items()}
     deltas = combine(pairs, targets, dims.family)
     records = []
     for path, weight in pairs:

@@ -12,7 +12,8 @@ names (``input_blocks_4_1_...``), mapped as diffusers' ``_maybe_map_sgm_blocks_t
 alpha from a ``.alpha`` key or the ``lora_adapter_metadata`` that ``save_lora_weights`` writes (``lora_alpha``,
 ``alpha_pattern``), else rank. DoRA, LoHa and LoKr are refused.
 
-Weight map (written by ``sdrt export`` for unet, text_encoder, text_encoder_2 and unet_control; read here and by TensorRT refit):
+Weight map (written by ``sdrt export`` for unet, text_encoder, text_encoder_2 and unet_control; read here and by
+TensorRT refit):
 ``manifest.components[C].weight_map`` is the file record (path, sha256, size) of ``C.weights.json`` beside the
 ONNX: a JSON object mapping each torch parameter name of the diffusers/transformers model (``state_dict`` names:
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight``, ``text_model.encoder.layers.0.mlp.fc1.weight``;
@@ -105,10 +106,11 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 _CACHE: dict = {}
+CACHE_FILES = 4  # parsed files kept (each holds its tensors): a set of a few LoRAs is read once per change
 
 
 def read_lora(path) -> LoraFile:
-    """Parse a LoRA safetensors file (cached by path, size and mtime)."""
+    """Parse a LoRA safetensors file (cached by path, size and mtime; the oldest of ``CACHE_FILES`` dropped)."""
     path = Path(path).expanduser()
     try:
         stat = path.stat()
@@ -116,7 +118,8 @@ def read_lora(path) -> LoraFile:
         raise LoraFileError(f"LoRA file {path} does not exist") from None
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _CACHE:
-        _CACHE.clear()  # keep one parsed file set small: files are re-read only when they change
+        while len(_CACHE) >= CACHE_FILES:
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = _read(path)
     return _CACHE[key]
 
@@ -222,9 +225,9 @@ def _flat(name: str) -> str:
 def _sgm_to_diffusers(key: str, layers: int) -> str:
     """kohya's sgm/LDM SDXL UNet module path (underscored) -> the diffusers one (underscored), as diffusers'
     ``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_unet_lora_key`` do."""
-    for old, new in (("input_blocks_0_0", "conv_in"), ("out_2", "conv_out"), ("time_embed_0", "time_embedding_linear_1"),
-                     ("time_embed_2", "time_embedding_linear_2"), ("label_emb_0_0", "add_embedding_linear_1"),
-                     ("label_emb_0_2", "add_embedding_linear_2")):
+    for old, new in (("input_blocks_0_0", "conv_in"), ("out_2", "conv_out"),
+                     ("time_embed_0", "time_embedding_linear_1"), ("time_embed_2", "time_embedding_linear_2"),
+                     ("label_emb_0_0", "add_embedding_linear_1"), ("label_emb_0_2", "add_embedding_linear_2")):
         if key.startswith(old):
             return new + key[len(old):]
     parts = key.split("_")
@@ -256,7 +259,8 @@ def resolve(lora: LoraFile, weight: float, targets: dict, family: str = "") -> d
                                 f"is {family or 'a one-text-encoder model'}")
     if any(m.sgm for m in lora.modules) and "text_encoder_2" not in targets:
         raise LoraMismatchError(f"LoRA {lora.path.name} is an SDXL LoRA (kohya sgm UNet keys such as "
-                                f"{next(m.key for m in lora.modules if m.sgm)}); this artifact is {family or 'not SDXL'}")
+                                f"{next(m.key for m in lora.modules if m.sgm)}); this artifact is "
+                                f"{family or 'not SDXL'}")
     lookup = {c: {_flat(p[: -len('.weight')]): p for p in names if p.endswith(".weight")}
               for c, names in targets.items()}
     layers = 1 + max((int(p.split(".")[3]) for p in targets.get("unet", {}) if p.startswith("down_blocks.0.resnets.")),

@@ -103,7 +103,8 @@ class LoraSessions:
         the initializer's dtype)."""
         changes = self._deltas[DELTA_SOURCE.get(component, component)]
         mapping = self.weight_map(component)
-        files = {Path(r["path"]).name: self.manifest.root / r["path"] for r in self.manifest.component(component)["files"]}
+        records = self.manifest.component(component)["files"]
+        files = {Path(r["path"]).name: self.manifest.root / r["path"] for r in records}
         missing = [p for p in changes if p not in mapping]
         if missing:
             raise LoraMismatchError(f"{component}: the artifact's weight map lacks {', '.join(missing[:3])} (not "

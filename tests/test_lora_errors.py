@@ -83,7 +83,8 @@ def test_cli_missing_file_and_bad_weight(tiny_engine_dir, lora_file, tmp_path, c
 
 def test_export_refuses_bad_lora_before_exporting(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "engines"
-    code = main(["export", "--model", str(tiny_model_dir), "--out", str(out), "--lora", str(tmp_path / "nope.safetensors")])
+    code = main(["export", "--model", str(tiny_model_dir), "--out", str(out),
+                 "--lora", str(tmp_path / "nope.safetensors")])
     _one_line_error(capsys, code, "does not exist")
     assert not out.exists()
 
