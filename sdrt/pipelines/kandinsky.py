@@ -127,8 +127,12 @@ class KandinskyPipeline(BasePipeline):
             h, w = downscale_height_and_width(height or opt, width or opt, s)
             size, note = (w * s, h * s), f" (rounded up to a multiple of {s * s}, as diffusers)"
         elif mode == "img2img":  # VaeImageProcessor: the image resized to the size rounded down to the scale
-            w, h = width or image.width, height or image.height
+            w, h = width or image.width - image.width % (s * s), height or image.height - image.height % (s * s)
             size, note = (w - w % s, h - h % s), f" (rounded down to a multiple of {s})"
+            if size[0] % (s * s) or size[1] % (s * s):  # diffusers' UNet interpolates there; the graph cannot
+                raise InputError(f"Kandinsky img2img needs a size whose latent sides are multiples of {s} (the "
+                                 f"exported decoder UNet's), i.e. multiples of {s * s} pixels; got "
+                                 f"{size[0]}x{size[1]}{note}")
         else:  # the inpaint pipeline encodes at (height, width) and draws latents at the rounded-up size
             w, h = width or image.width - image.width % (s * s), height or image.height - image.height % (s * s)
             if w % (s * s) or h % (s * s):
