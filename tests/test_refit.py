@@ -3,8 +3,7 @@
 
 On the CPU: the refit plan from the real TensorRT-RTX network parsed from the tiny model's ONNX (which
 initializers, their TensorRT names, consistent with the ONNX), the flag and marks the builder gets, the
-records, plans and rebuild rules, the refusals, and the refit bookkeeping (base + deltas, back to base)
-against a stand-in ``Refitter``. TensorRT-RTX 1.7 loads the CUDA driver to build a refittable engine, so the
+records, plans and rebuild rules and the refusals (the run-time side: test_refit_runtime.py). TensorRT-RTX 1.7 loads the CUDA driver to build a refittable engine, so the
 real refittable build and the refit itself run in test_refit_gpu.py (skips, saying why, elsewhere)."""
 
 from __future__ import annotations
@@ -12,14 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import types
 
 import numpy as np
 import pytest
 
-from sdrt.backends import refit as runtime
 from sdrt.cli import main
-from sdrt.errors import ArtifactError, ExportError, InputError
+from sdrt.errors import ExportError
 from sdrt.manifest import file_record, load_manifest
 from sdrt.specs import COMPONENTS, SizeRange
 from sdrt_export import build_engines as be
@@ -201,122 +198,3 @@ def test_refit_is_refused_for_ort_backends_and_artifacts_without_weight_maps(tin
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no weight maps" in err and "sdrt export --force" in err
     assert not (out / RTX).exists()
-
-
-@needs_rtx
-def test_non_refittable_engine_refuses_runtime_lora_naming_the_rebuild_command(mapped, tiny_model_dir, tmp_path,
-                                                                               fake_build):
-    out = _copy(mapped, tmp_path / "e")
-    be.build_engines(tiny_model_dir, out, RTX, sizes=SIZES, progress=False)
-    manifest = load_manifest(out)
-    _, record = manifest.verified_engine(RTX, "unet")
-    plan = runtime.load_plan(manifest, RTX, "unet", record)
-    engine = types.SimpleNamespace(path=out / RTX / "unet.engine", refit_plan=plan)
-    with pytest.raises(InputError) as info:
-        runtime.refit(engine, {"onnx::MatMul_1": np.zeros(1)})
-    message = str(info.value)
-    assert "\n" not in message and "is not refittable" in message
-    assert f"`{manifest.rebuild_command(RTX)} --refit`" in message
-    assert runtime.refit(engine, {}) == []  # no LoRA: nothing to refit, nothing refused
-
-
-class FakeRefitter:
-    """Stands in for ``trt.Refitter``: keeps what was set, applies it on ``refit_cuda_engine``."""
-
-    def __init__(self, engine, logger):
-        self.engine, self.pending, self.partners, self.fail = engine, {}, engine.partners, False
-        engine.refitters.append(self)
-
-    def set_named_weights(self, name, weights):
-        self.pending[name] = np.array(weights.array)
-        return True
-
-    def get_missing_weights(self):
-        return [p for n, p in self.partners.items() if n in self.pending and p not in self.pending]
-
-    def refit_cuda_engine(self):
-        if self.engine.fail:
-            return False
-        self.engine.sets.append(sorted(self.pending))
-        self.engine.weights.update(self.pending)
-        self.pending = {}
-        return True
-
-
-def _fake_engine(plan):
-    trt = types.SimpleNamespace(Refitter=FakeRefitter, Logger=lambda level: None, WARNING=2,
-                                Weights=lambda array: types.SimpleNamespace(array=array))
-    trt.Logger.WARNING = 2
-    state = types.SimpleNamespace(weights={}, sets=[], refitters=[], partners={}, fail=False, drops=0, syncs=0)
-    engine = types.SimpleNamespace(trt=trt, path="unet.engine", refit_plan=plan, engine=state,
-                                   cuda=types.SimpleNamespace(synchronize=lambda: setattr(state, "syncs",
-                                                                                          state.syncs + 1)))
-    engine._drop_graphs = lambda: setattr(state, "drops", state.drops + 1)
-    return engine, state
-
-
-@needs_rtx
-def test_refit_is_always_base_plus_deltas_and_back_to_base_restores_base(mapped, tiny_model_dir, tmp_path,
-                                                                         fake_build):
-    out = _copy(mapped, tmp_path / "e")
-    be.build_engines(tiny_model_dir, out, RTX, sizes=SIZES, progress=False, refit=True)
-    manifest = load_manifest(out)
-    plan = runtime.load_plan(manifest, RTX, "unet", manifest.verified_engine(RTX, "unet")[1])
-    assert plan.refittable and plan.weights
-    engine, state = _fake_engine(plan)
-    initializers = _initializers(manifest.verified_path("unet"))
-    base = {n: numpy_helper.to_array(initializers[n]) for n in plan.weights}
-    w1, w2, w3 = sorted(plan.weights)[:3]
-    lora_a = {w1: base[w1] + 1, w2: base[w2] * 2}
-    lora_b = {w2: base[w2] - 3, w3: base[w3] + 0.5}
-
-    assert runtime.refit(engine, lora_a) == sorted([w1, w2])
-    assert runtime.refit(engine, lora_a) == [] and len(state.sets) == 1  # the set in use: nothing to do
-    assert runtime.refit(engine, lora_b) == sorted([w1, w2, w3])  # w1 back to base
-    np.testing.assert_array_equal(state.weights[w1], base[w1])
-    np.testing.assert_array_equal(state.weights[w2], lora_b[w2])
-    assert runtime.refit(engine, lora_a) == sorted([w1, w2, w3])  # A again: w3 back to base
-    for name in (w1, w2):
-        np.testing.assert_array_equal(state.weights[name], lora_a[name])
-    np.testing.assert_array_equal(state.weights[w3], base[w3])
-    assert runtime.refit(engine, {}) == sorted([w1, w2])  # no LoRA: the base engine
-    for name in (w1, w2, w3):
-        np.testing.assert_array_equal(state.weights[name], base[name])
-    assert runtime.refit(engine, {}) == [] and len(state.sets) == 4 and state.drops == 4 and state.syncs == 4
-
-    state.partners = {w1: w3}  # TensorRT wants w3 refitted with w1: w3 gets its current value
-    runtime.refit(engine, lora_b)
-    runtime.refit(engine, {w1: lora_a[w1], w2: lora_b[w2], w3: lora_b[w3]})
-    assert state.sets[-1] == sorted([w1, w2, w3])
-    state.weights.clear()
-    runtime.refit(engine, {w1: base[w1] + 7})  # w2 and w3 to base; w3 also asked for as w1's partner
-    np.testing.assert_array_equal(state.weights[w3], base[w3])
-
-    state.fail = True
-    with pytest.raises(ArtifactError, match="could not refit"):
-        runtime.refit(engine, lora_a)
-    state.fail = False
-    refitters = len(state.refitters)
-    runtime.refit(engine, {})  # after a failed refit every weight it set goes back to base
-    assert len(state.refitters) == refitters + 1 and state.sets[-1] == sorted({w1, w2, w3} | set(lora_a))
-    for name in (w1, w2, w3):
-        np.testing.assert_array_equal(state.weights[name], base[name])
-    with pytest.raises(InputError, match=r"in the engine, the new weights are \[1\]"):
-        runtime.refit(engine, {w1: np.zeros(1, np.float32)})
-    plan.not_refittable["folded"] = "no weights of this name in the parsed TensorRT network"
-    with pytest.raises(InputError, match="cannot refit 1 weight"):
-        runtime.refit(engine, {"folded": np.zeros(1)})
-
-
-@needs_rtx
-def test_base_weights_are_checked_against_the_manifest_before_use(mapped, tiny_model_dir, tmp_path, fake_build):
-    out = _copy(mapped, tmp_path / "e")
-    be.build_engines(tiny_model_dir, out, RTX, sizes=SIZES, progress=False, refit=True)
-    manifest = load_manifest(out)
-    engine, _ = _fake_engine(runtime.load_plan(manifest, RTX, "unet", manifest.verified_engine(RTX, "unet")[1]))
-    name = sorted(engine.refit_plan.weights)[0]
-    runtime.refit(engine, {name: np.zeros(engine.refit_plan.weights[name]["shape"], np.float32)})
-    onnx_file = out / "unet.onnx"
-    onnx_file.write_bytes(onnx_file.read_bytes()[:-1] + b"\0")
-    with pytest.raises(ArtifactError, match="does not match its sha256"):
-        runtime.refit(engine, {})
