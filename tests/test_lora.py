@@ -195,3 +195,48 @@ def test_sgm_key_mapping_matches_diffusers():
         (mapped,) = _maybe_map_sgm_blocks_to_diffusers({f"lora_unet_{key}.lora_down.weight": 0}, Config())
         want = _convert_unet_lora_key(mapped).removesuffix(".lora.down.weight").replace(".processor", "")
         assert _sgm_to_diffusers(key, 2) == want.replace(".", "_"), key
+
+
+def test_verify_cli_with_lora(tiny_model_dir, tiny_engine_dir, sd15_loras, capsys):
+    code = main(["verify", "--model", str(tiny_model_dir), "--engines", str(tiny_engine_dir), "--steps", "2",
+                 "--width", "64", "--height", "64", "--lora", f"{sd15_loras['kohya_te']}:0.8", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and not report["failed"] and report["image_max_abs"] <= IMAGE_TOL
+    assert report["loras"] == [{"path": sd15_loras["kohya_te"], "weight": 0.8}]
+
+
+@pytest.mark.slow
+def test_runtime_lora_on_ort_optimized_artifact(tiny_model_dir, tiny_engine_dir, sd15_loras, tmp_path):
+    """build-engines --backend ort-cpu graphs fuse weights; run-time LoRA opens the exported ONNX there, so the
+    image equals the plain artifact's (to the optimized VAE graph's rounding: the VAE has no LoRA)."""
+    import shutil
+
+    copy = tmp_path / "optimized"
+    shutil.copytree(tiny_engine_dir, copy)
+    assert main(["build-engines", "--model", str(tiny_model_dir), "--out", str(copy), "--backend", "ort-cpu",
+                 "--json"]) == 0
+    assert json.loads((copy / "manifest.json").read_text()).get("engines", {}).get("ort-cpu")
+    pairs = [(sd15_loras["kohya_te"], 0.8)]
+    pipe = Pipeline(copy)
+    base, got = pipe.txt2img(**REQUEST).unit_images, pipe.txt2img(loras=pairs, **REQUEST).unit_images
+    assert np.abs(got - Pipeline(tiny_engine_dir).txt2img(loras=pairs, **REQUEST).unit_images).max() <= MERGE_TOL
+    assert np.abs(got - base).max() > CHANGED
+
+
+@pytest.mark.slow
+def test_runtime_lora_on_external_data_artifact(tiny_model_dir, sd15_loras, tmp_path, monkeypatch):
+    """Weights in NAME.onnx.data (the layout of models over 2 GB): the map points into the data file and ONNX
+    Runtime takes the merged weights as external initializers."""
+    from sdrt_export import graph
+    from sdrt_export.exporter import export_model
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = export_model(tiny_model_dir, tmp_path / "external", sizes=SizeRange(64, 64, 64, 1),
+                       progress=False)["engine_dir"]
+    from sdrt.lora import load_weight_map
+    from sdrt.manifest import load_manifest
+
+    assert {e["file"] for e in load_weight_map(load_manifest(out), "unet").values()} == {"unet.onnx.data"}
+    pairs = [(sd15_loras["kohya_te"], 0.8), (sd15_loras["peft_unet"], 0.6)]
+    got = Pipeline(out).txt2img(loras=pairs, **REQUEST).unit_images
+    assert np.abs(got - _reference(tiny_model_dir, pairs)).max() <= IMAGE_TOL
