@@ -94,14 +94,19 @@ def build(payload: dict, state, mode: str) -> tuple[GenRequest, dict, object]:
                 invert=bool(get(payload, "inpainting_mask_invert", (int, bool), 0)),  # clients send 1 or true
                 full_res=get(payload, "inpaint_full_res", bool, True), padding=padding,
                 fill=get(payload, "inpainting_fill", int, 0))
-            gen["image_png"], gen["mask_png"] = encode_png(prepared.image), encode_png(prepared.mask)
-            gen["infotext_extra"] += tuple(prepared.extra.items())
-        else:
-            if image.size != (width, height):  # resize_mode 0, "just resize" (Lanczos, as the Pipeline)
-                from PIL import Image
+            if prepared is not None:
+                gen["image_png"], gen["mask_png"] = encode_png(prepared.image), encode_png(prepared.mask)
+                gen["infotext_extra"] += tuple(prepared.extra.items())
+            else:  # blank mask with "only masked": A1111 switches to img2img of the whole image
+                mode = "img2img" if not info.get("inpainting_unet") else "inpaint"
+        if prepared is None:
+            from PIL import Image
 
+            if image.size != (width, height):  # resize_mode 0, "just resize" (Lanczos, as the Pipeline)
                 image = image.resize((width, height), Image.Resampling.LANCZOS)
             gen["image_png"] = encode_png(image)
+            if mode == "inpaint":  # an inpainting UNet, as A1111 conditions it without a mask: all of it repaints
+                gen["mask_png"] = encode_png(Image.new("L", image.size, 255))
     req = limits.check_request(GenRequest(mode=mode, **gen), info, options)
     return req, {"batch_size": batch_size, "n_iter": n_iter}, prepared
 

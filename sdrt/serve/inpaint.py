@@ -100,7 +100,9 @@ class Prepared:
 
 
 def prepare(image, mask, width: int, height: int, *, blur_x: float, blur_y: float, invert: bool, full_res: bool,
-            padding: int, fill: int) -> Prepared:
+            padding: int, fill: int) -> Prepared | None:
+    """None when "only masked" finds a blank mask: A1111 then logs 'Unable to perform "Inpaint Only mask" because
+    mask is blank, switch to img2img mode' and runs img2img on the whole image, with no mask and no overlay."""
     from PIL import Image, ImageOps
 
     if mask.size != image.size:
@@ -114,7 +116,7 @@ def prepare(image, mask, width: int, height: int, *, blur_x: float, blur_y: floa
     extra = {"Mask blur": max(blur_x, blur_y)} if blur_x > 0 or blur_y > 0 else {}
     region = crop_region(mask, padding) if full_res else None
     if full_res and region is None:
-        raise ApiError(400, "mask: empty (nothing to inpaint); 'only masked' needs a nonzero mask")
+        return None
     if region is not None:
         region = expand_to_ratio(region, width, height, image.width, image.height)
         crop, crop_mask = image.crop(region), mask.crop(region)
