@@ -80,6 +80,7 @@ def cmd_verify(args) -> dict:
         args.model, args.engines, scheduler=args.scheduler, steps=args.steps, width=args.width,
         height=args.height, seed=args.seed, prompt=args.prompt,
         **({"controlnet_dirs": args.controlnet, "control_images": args.control_image} if args.controlnet else {}), loras=args.lora,
+        backend=args.backend,
     )
     return report
 
@@ -139,8 +140,7 @@ def _add_request(g, mode: str) -> None:
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--negative-prompt", default="", help="what to steer away from")
     g.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: 30); Kandinsky 2.2's decoder: 100 (the pipelines' defaults, "
-                        "as diffusers)")
+                   help="denoising steps (default: the pipeline's, as diffusers: 30; Kandinsky 2.2's decoder 100)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, 0 or 1: no CFG (default 7.5; Kandinsky 2.2's decoder 4.0)")
     g.add_argument("--prior-steps", type=int, default=None, help="Kandinsky 2.2: the prior's steps (default 25)")
@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check ControlNet: the folders ENGINE_DIR was exported with, in order (with --control-image)")
     g.add_argument("--control-image", metavar="IMG", action="append", default=None,
                    help="one per --controlnet (default: a synthetic picture)")
+    g.add_argument("--backend", choices=("ort-cpu", "openvino"), default="ort-cpu",
+                   help="what runs sdrt's side; openvino in bf16 (its choice on AVX512_BF16 CPUs) is held to the "
+                        "bf16 tolerance")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="per-stage latency, cold start and peak RSS (optionally against its CPU peers)",

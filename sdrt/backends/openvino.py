@@ -65,25 +65,30 @@ class OpenVinoEngine:
                        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if requested_precision():
             self.config["INFERENCE_PRECISION_HINT"] = requested_precision()
-        try:
-            self.model = self.core.read_model(str(path))
-        except Exception as exc:  # OpenVINO raises its own untyped errors for bad graphs
-            raise ArtifactError(f"OpenVINO cannot read {path}: {exc}".splitlines()[0]) from None
+        self.path = Path(path)
+        model = self._read()
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
-        names = {name for port in self.model.inputs for name in port.get_names()}
+        names = {name for port in model.inputs for name in port.get_names()}
         missing = set(self._dtypes) - names
         if missing:
             raise ArtifactError(f"{path} lacks inputs {sorted(missing)} that the {spec.name} spec names; re-export")
         self._compiled: OrderedDict = OrderedDict()
         self.precision = default_precision()
 
+    def _read(self):
+        try:
+            return self.core.read_model(str(self.path))
+        except Exception as exc:  # OpenVINO raises its own untyped errors for bad graphs
+            raise ArtifactError(f"OpenVINO cannot read {self.path}: {exc}".splitlines()[0]) from None
+
     def _compile(self, shapes: tuple):
         if shapes in self._compiled:
             self._compiled.move_to_end(shapes)
             return self._compiled[shapes]
-        model = self.model.clone()
+        model = self._read()  # read again per shape: keeping the source model would hold a second weight copy
         model.reshape({name: list(shape) for name, shape in shapes})
         compiled = self.core.compile_model(model, "CPU", self.config)
+        del model
         self.precision = _short(compiled.get_property("INFERENCE_PRECISION_HINT"))
         log.info("%s: OpenVINO compiled for %s, precision %s", self.spec.name, dict(shapes), self.precision)
         request = compiled.create_infer_request()
