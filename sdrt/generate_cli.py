@@ -60,7 +60,8 @@ def run(args) -> dict:
     prompt, lora_fields = lora_infotext(p["prompt"], p)
     text = a1111_parameters(prompt, p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],
                             p["width"], p["height"], **({"Denoising strength": p["strength"]}
-                                                        if args.mode != "txt2img" else {}), **rng_infotext(p["rng"]), **lora_fields)
+                                                        if args.mode != "txt2img" else {}), **rng_infotext(p["rng"]),
+                            **lora_fields)
     saved = [str(save_png(image, path, text)) for image, path in zip(result.images, paths)]
     timings = {"load": pipe.load_seconds, **result.timings, "total": time.perf_counter() - start}
     summary = {"images": saved, "seed": result.seed, "timings_s": timings, "parameters": p}

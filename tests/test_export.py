@@ -17,6 +17,7 @@ import torch
 
 from sdrt.cli import main
 from sdrt.errors import ArtifactError
+from sdrt.lora import MAPPED_COMPONENTS as MAPPED  # components with a weight map (test_lora.py)
 from sdrt.manifest import FORMAT_VERSION, load_manifest
 from sdrt.specs import COMPONENTS, build_specs
 
@@ -301,7 +302,7 @@ def test_force_replaces_with_external_data(tiny_model_dir, tmp_path, monkeypatch
     specs = build_specs(manifest.dims)
     for name in COMPONENTS:
         files = [r["path"] for r in manifest.component(name)["files"]]
-        assert files == [f"{name}.onnx", f"{name}.onnx.data"]
+        assert files == [f"{name}.onnx", f"{name}.onnx.data"] + ([f"{name}.weights.json"] if name in MAPPED else [])
         assert summary["components"][name]["check_error"] <= TOLERANCE
         session = _session(manifest.verified_path(name))  # loads the external data file
         feeds = _inputs(specs[name], 1, 64, 72, np.random.default_rng(0))

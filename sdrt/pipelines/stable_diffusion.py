@@ -155,7 +155,8 @@ class StableDiffusionPipeline(BasePipeline):
         params = {"mode": mode, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                   "guidance": guidance, "seed": seed, "width": width, "height": height, "batch": batch,
                   "scheduler": scheduler or m.scheduler_config.get("_class_name"), "strength": strength, "vae": vae,
-                  "rng": rng.name, **lora_parameters(active), **(control.request.parameters() if control is not None else {})}
+                  "rng": rng.name, **lora_parameters(active),
+                  **(control.request.parameters() if control is not None else {})}
         return Result(to_uint8(unit), unit, seeds[0], timings.summary(), params, seeds)
 
     def _vae_choice(self, vae) -> tuple[str, str, float]:
