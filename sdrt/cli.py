@@ -49,7 +49,8 @@ def cmd_export(args) -> dict:
     return _export_module("exporter").export_model(
         args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json,
         **({"prior": args.prior} if getattr(args, "prior", None) else {}),  # Kandinsky 2.2: the prior folder
-        precision=args.precision, tiny_vae_dir=args.tiny_vae, controlnet_dirs=args.controlnet or (), loras=args.lora,
+        precision=args.precision, tiny_vae_dir=args.tiny_vae, controlnet_dirs=args.controlnet or (),
+        loras=args.lora,
     )
 
 
@@ -79,7 +80,8 @@ def cmd_verify(args) -> dict:
     report = _export_module("verify").verify(
         args.model, args.engines, scheduler=args.scheduler, steps=args.steps, width=args.width,
         height=args.height, seed=args.seed, prompt=args.prompt,
-        **({"controlnet_dirs": args.controlnet, "control_images": args.control_image} if args.controlnet else {}), loras=args.lora,
+        **({"controlnet_dirs": args.controlnet, "control_images": args.control_image} if args.controlnet else {}),
+        loras=args.lora,
         backend=args.backend,
     )
     return report
@@ -219,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export this AutoencoderTiny (TAESD) folder's decoder and encoder, for --vae tiny")
     g.add_argument("--controlnet", metavar="CONTROLNET_DIR", action="append", default=None,
                    help="also export this diffusers ControlNetModel folder (repeatable: one --control-image each)")
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
+                   help="merge this LoRA (kohya/A1111 or diffusers/peft .safetensors; weight default 1) into the "
+                        "UNet / text encoders before export; repeatable; recorded in the manifest")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines (or ORT-optimized graphs) into an ENGINE_DIR",
@@ -229,9 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sdrt build-engines --model ./sd15 --out engines/sd15 --backend tensorrt-rtx "
                                        "--gpu-targets sm86,sm89",
                                        "sdrt build-engines --model ./sd15 --out engines/sd15 --backend tensorrt "
-    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
-                   help="merge this LoRA (kohya/A1111 or diffusers/peft .safetensors; weight default 1) into the "
-                        "UNet / text encoders before export; repeatable; recorded in the manifest")
                                        "--static 512x512"))
     g = p.add_argument_group("input and output")
     g.add_argument("--model", metavar="MODEL_DIR", required=True,
@@ -281,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--rng", default="cpu", metavar="cpu|cuda[:GPU]",
                        help="whose generator --seed reproduces: torch's CPU generator, or torch.Generator('cuda') "
                             "on GPU (h100, a100, 4090, t4, ... or sm=N; default h100) — computed here, no GPU needed")
+        g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
+                       help="apply this LoRA at run time (no re-export; ort backends); repeatable")
+        g.add_argument("--lora-dir", metavar="DIR", default=None,
+                       help="where A1111 prompt tags <lora:NAME:WEIGHT> find NAME.safetensors (tags are removed "
+                            "from the prompt before tokenizing)")
         _add_control(p.add_argument_group("ControlNet (artifacts exported with --controlnet)"))
         p.set_defaults(func=cmd_generate, mode=mode)
 
@@ -291,11 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--steps 8"))
     g = p.add_argument_group("input and output")
     g.add_argument("--model", metavar="MODEL_DIR", required=True, help="the diffusers folder ENGINE_DIR came from")
-        g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
-                       help="apply this LoRA at run time (no re-export; ort backends); repeatable")
-        g.add_argument("--lora-dir", metavar="DIR", default=None,
-                       help="where A1111 prompt tags <lora:NAME:WEIGHT> find NAME.safetensors (tags are removed "
-                            "from the prompt before tokenizing)")
     g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     g = p.add_argument_group("request")
@@ -311,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check ControlNet: the folders ENGINE_DIR was exported with, in order (with --control-image)")
     g.add_argument("--control-image", metavar="IMG", action="append", default=None,
                    help="one per --controlnet (default: a synthetic picture)")
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
+                   help="run-time LoRA in sdrt vs diffusers' load_lora_weights + fuse_lora; repeatable")
     g.add_argument("--backend", choices=("ort-cpu", "openvino"), default="ort-cpu",
                    help="what runs sdrt's side; openvino in bf16 (its choice on AVX512_BF16 CPUs) is held to the "
                         "bf16 tolerance")
@@ -326,8 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sdrt bench --engines engines/sd15 --compare diffusers,openvino,sdcpp "
                                        "--model ./sd15 --steps 2",
                                        "sdrt bench --engines engines/sd15 --sweep --runs 3"))
-    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", default=None,
-                   help="run-time LoRA in sdrt vs diffusers' load_lora_weights + fuse_lora; repeatable")
     g = p.add_argument_group("artifact and request")
     g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
     g.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
