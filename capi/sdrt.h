@@ -103,7 +103,8 @@ typedef struct {
     uint32_t struct_size;   /* sizeof(sdrt_context_params), set by sdrt_context_params_init */
     const char *engine_dir; /* ENGINE_DIR written by `sdrt export` (required) */
     const char *backend;    /* "ort-cpu" (default, also for NULL), "ort-cuda", "tensorrt", "tensorrt-rtx" */
-    int threads;            /* ONNX Runtime intra-op threads; 0 (default): the usable cores */
+    int threads;            /* ONNX Runtime intra-op threads, at most the machine's logical CPUs (more is
+                               SDRT_ERR_INPUT); 0 (default): the usable cores */
     sdrt_log_fn log;        /* this context's log messages; NULL (default): none (see SDRT_LOG_STDERR) */
     void *log_user_data;    /* passed to log */
     /* --- added after the first layout (SDRT_CONTEXT_PARAMS_SIZE_V1 ends here) --- */

@@ -228,8 +228,11 @@ def open_context(ctx, p) -> int:
         backend = _text(p.backend, "backend", "ort-cpu")
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        from sdrt.cli import check_threads
+
         if p.threads < 0:
             raise InputError(f"threads must be >= 0 (0: the usable cores), got {p.threads}")
+        check_threads(p.threads or None, "threads")
         context.pipe = Pipeline(_path(p.engine_dir), backend=backend, threads=p.threads or None)
         _contexts[_key(ctx)] = context
         _update_level()

@@ -385,21 +385,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_threads(threads, flag: str = "--threads", cap: bool = True):
+    """``threads`` None, or an integer in 1..this machine's logical CPUs (``cap``; more only oversubscribes, and
+    --threads 100000 hung in ONNX Runtime's thread pool); InputError otherwise."""
+    import os
+
+    from sdrt.errors import InputError
+
+    cpus = os.cpu_count() or 1
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+                                or (cap and threads > cpus)):
+        raise InputError(f"{flag} must be an integer in 1..{cpus} (this machine's logical CPUs), got {threads!r}"
+                         if cap else f"{flag} must be an integer >= 1, got {threads!r}")
+    return threads
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        result = args.func(args)
-    except SdrtError as exc:
-        print(f"sdrt {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
-        return 130
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2, default=str))
-    elif isinstance(result, dict) and result.get("message"):
-        print(result["message"])
+        try:
+            # a Ray cluster's replicas may have more CPUs than this machine: only >= 1 there
+            check_threads(getattr(args, "threads", None), cap=not getattr(args, "ray_address", None))
+            result = args.func(args)
+        except SdrtError as exc:
+            print(f"sdrt {args.command}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print(f"sdrt {args.command}: interrupted", file=sys.stderr)
+            return 130
+        if getattr(args, "json", False):
+            print(json.dumps(result, indent=2, default=str))
+        elif isinstance(result, dict) and result.get("message"):
+            print(result["message"])
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:  # `sdrt ... --json | head`: the reader left; exit as SIGPIPE would, no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 1 if isinstance(result, dict) and result.get("failed") else 0
 
 

@@ -58,6 +58,9 @@ def options_from_args(args):
     from sdrt.serve.app import ServeOptions
     from sdrt.serve.auth import parse_api_auth, read_token_file
 
+    from sdrt.cli import check_threads
+
+    check_threads(getattr(args, "threads", None), cap=not getattr(args, "ray", False))  # Ray: other nodes' CPUs
     users, tokens = parse_api_auth(args.api_auth), read_token_file(args.token_file)
     if not is_loopback(args.host) and not (users or tokens):
         raise InputError(f"refusing to bind {args.host} (not a loopback address) without --api-auth or --token-file")
