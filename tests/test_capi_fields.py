@@ -168,3 +168,14 @@ def test_bad_v3_fields_are_input_errors(capi, tiny_engine_dir, tmp_path):
         assert got["status"] == ERR_INPUT and got["images_null"] == 1, (options, got)
         for needle in needles:
             assert needle in got["error"], (options, needle, got["error"])
+
+
+def test_threads_beyond_the_machine_is_an_input_error(capi, tiny_engine_dir, tmp_path):
+    import os
+
+    results, _, stderr = run(capi, tmp_path, [cmd("open", 0, engine_dir=tiny_engine_dir, threads=100000),
+                                              cmd("open", 1, engine_dir=tiny_engine_dir, threads=1)])
+    assert stderr == ""
+    assert results[0]["status"] == ERR_INPUT and results[0]["opened"] == 0
+    assert f"threads must be an integer in 1..{os.cpu_count()}" in results[0]["error"], results[0]
+    assert results[1]["status"] == OK
