@@ -125,11 +125,11 @@ def alternate(c_call, py_call, runs: int) -> dict:
 
 
 def cpu() -> tuple[str, str]:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                 platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    return model, " ".join(f for f in flags if f.startswith(("avx", "fma", "sse4", "amx")))
+    """CPU model and SIMD flags, from the one machine helper every benchmark uses (sdrt.machine)."""
+    from sdrt.machine import cpu_info
+
+    info = cpu_info()
+    return info["model"], " ".join(info["flags"])
 
 
 def render(rep: dict) -> str:

@@ -33,17 +33,11 @@ BEGIN, END = "<!-- serve_overhead:begin -->", "<!-- serve_overhead:end -->"
 
 
 def cpu() -> dict:
-    """CPU model, usable cores and the SIMD flags that matter to ONNX Runtime's kernels."""
-    model, flags = platform.processor() or "unknown", []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)[1]
-        have = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M)[1].split())
-        flags = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni",
-                             "amx_bf16") if f in have]
-    except (OSError, TypeError):
-        pass
-    return {"model": model, "cores": len(os.sched_getaffinity(0)), "flags": flags}
+    """CPU model, usable cores and the SIMD flags that matter to ONNX Runtime's kernels (sdrt.machine)."""
+    from sdrt.machine import cpu_info
+
+    info = cpu_info()
+    return {"model": info["model"], "cores": info["usable_cpus"], "flags": info["flags"]}
 
 
 def build_artifact(arch: str, out: Path) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -33,7 +32,6 @@ import numpy as np
 import requests
 
 BEGIN, END = "<!-- serve_throughput:begin -->", "<!-- serve_throughput:end -->"
-CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 
 
 def free_port() -> int:
@@ -49,18 +47,12 @@ def free_port() -> int:
 
 
 def machine() -> dict:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
-            "platform": platform.platform(), "python": platform.python_version()}
+    """CPU model, cores, SIMD flags (sdrt.machine, shared by every benchmark), platform and python."""
+    from sdrt.machine import cpu_info
+
+    info = cpu_info()
+    return {"cpu": info["model"], "cores": info["logical_cpus"], "flags": info["flags"],
+            "platform": info["platform"], "python": info["python"]}
 
 
 def model_label(engines: str) -> str:

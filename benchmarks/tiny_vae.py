@@ -14,26 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or "?", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = value.split()
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags],
-            "loadavg": os.getloadavg()}
+    """CPU model, cores, SIMD flags and load average (sdrt.machine, shared by every benchmark)."""
+    from sdrt import machine
+
+    info = machine.cpu_info()
+    return {"model": info["model"], "cores": info["logical_cpus"], "flags": info["flags"],
+            "loadavg": info["load_average"]}
 
 
 def build(work: Path) -> Path:
