@@ -1,8 +1,8 @@
 """Load time, first calls and whole-process one-shot runs (issue 11, targets 1-3), on an ENGINE_DIR as
 `sdrt export` (and optionally `sdrt build-engines --backend ort-cpu`) wrote it, no environment variable.
 
-    python benchmarks/load_time.py load ENGINE_DIR [ENGINE_DIR ...] [--runs 3]
-    python benchmarks/load_time.py oneshot --engines ENGINE_DIR --model MODEL_DIR [--steps 2 20] [--runs 2]
+    python benchmarks/load_time.py load ENGINE_DIR [ENGINE_DIR ...] [--runs 3] [--fresh]
+    python benchmarks/load_time.py oneshot --engines ENGINE_DIR --model MODEL_DIR [--steps 2 20] [--runs 2] [--fresh]
 
 ``load``: one fresh process per run, ENGINE_DIRs alternating: ``Pipeline(...)`` plus each engine opened in
 txt2img order (text encoder, UNet, VAE decoder; this is the ``load`` of ``sdrt txt2img``), each called three
@@ -71,13 +71,15 @@ def child_load(engine_dir: str) -> dict:
     imported = time.perf_counter()
     pipe = Pipeline(engine_dir, threads=THREADS)
     result = {"engines": engine_dir, "import_s": imported - start, "pipeline_s": pipe.load_seconds,
+              "pipeline_cpu_s": cpu_seconds() - cpu0,
               "open_s": {}, "calls_s": {}, "graphs": {}, "load_before": load0}
     rng = np.random.default_rng(0)
     for name in ORDER:
         spec = pipe.manifest.specs[name]
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), cpu_seconds()
         engine = pipe.engine(name)
         result["open_s"][name] = time.perf_counter() - began
+        result.setdefault("open_cpu_s", {})[name] = cpu_seconds() - cpu
         result["graphs"][name] = Path(engine.session._model_path if hasattr(engine.session, "_model_path")
                                       else "").name or "?"
         batch = 2 if name == "unet" else 1
@@ -111,8 +113,11 @@ def run_load(dirs: list[str], runs: int) -> list[dict]:
             row["run"] = run
             rows.append(row)
             first = {n: row["calls_s"][n][0] / sorted(row["calls_s"][n][1:])[0] for n in ORDER}
-            print(f"{Path(engine_dir).name} run {run}: load {row['load_s']:.2f} s (import {row['import_s']:.2f}); "
-                  + ", ".join(f"{n} first/warm {first[n]:.2f}" for n in ORDER)
+            print(f"{Path(engine_dir).name} run {run}: load {row['load_s']:.2f} s (import {row['import_s']:.2f}, "
+                  + ", ".join(f"{n} {row['open_s'][n]:.2f}" for n in ORDER)
+                  + f"; load CPU {sum(row['open_cpu_s'].values()):.2f} s); "
+                  + ", ".join(f"{n} first/warm {first[n]:.2f} ({row['calls_s'][n][0]:.2f}/"
+                              f"{sorted(row['calls_s'][n][1:])[0]:.2f} s)" for n in ORDER)
                   + f"; load avg {row['load_before']:.1f}->{row['load_after']:.1f}", flush=True)
     return rows
 
@@ -197,9 +202,10 @@ def render(data: dict) -> str:
     return "\n".join(lines + [END])
 
 
-def write(section: str, rows: list[dict]) -> None:
+def write(section: str, rows: list[dict], fresh: bool = False) -> None:
+    """Add ``rows`` to the JSON's ``section`` (``fresh``: replace it) and regenerate the RESULTS.md block."""
     data = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
-    data.update({"machine": machine(), section: rows})
+    data.update({"machine": machine(), section: ([] if fresh else data.get(section, [])) + rows})
     JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
     text = RESULTS.read_text()
     block = render(data)
@@ -227,14 +233,15 @@ def main() -> None:
     sub.add_parser("render")
     for command in (load, shot):
         command.add_argument("--dry", action="store_true", help="print only; leave the JSON and RESULTS.md alone")
+        command.add_argument("--fresh", action="store_true", help="replace this section's earlier rows")
     args = parser.parse_args()
     print(f"machine: {machine()}; load average {loadavg():.1f}", flush=True)
     if args.what == "load":
         rows = run_load(args.engines, args.runs)
-        args.dry or write("load", rows)
+        args.dry or write("load", rows, args.fresh)
     elif args.what == "oneshot":
         rows = run_oneshot(args.engines, args.model, args.steps, args.runs)
-        args.dry or write("oneshot", rows)
+        args.dry or write("oneshot", rows, args.fresh)
     else:
         write("none", [])
 

@@ -94,9 +94,9 @@ def open_ort(manifest: Manifest, component: str, backend: str = "ort-cpu", threa
     """Open one component for an ort-* backend after checking the files it uses against the manifest.
     ort-cpu opens the component's CPU-native graph when one matches this CPU and ONNX Runtime
     (``ort_native.py``), else the graph ``sdrt build-engines`` optimized, else the exported ONNX.
-    ``engine_options`` go to ``OrtEngine`` (``initializers`` keeps to the portable graph, whose names they use)."""
+    ``engine_options`` go to ``OrtEngine`` (run-time LoRA: they keep to the portable graph, whose names they use)."""
     spec = manifest.specs[component]
-    if backend == "ort-cpu" and not os.environ.get(CACHE_ENV) and not engine_options.get("initializers"):
+    if backend == "ort-cpu" and not os.environ.get(CACHE_ENV) and not engine_options:
         return _open_cpu(manifest, component, spec, threads)  # SDRT_ORT_CACHE: the user's own cache instead
     record = manifest.engines(backend).get("components", {}).get(component)
     if record and record.get("version") == ort.__version__:
