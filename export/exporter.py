@@ -186,7 +186,7 @@ def copy_tokenizer(model_dir: Path, work: Path, name: str = "tokenizer") -> list
                     shutil.copy2(Path(scratch) / name, dst / name)
     if not (dst / "tokenizer.json").is_file():
         raise ExportError(f"could not create tokenizer.json from {src}")
-    return [file_record(work, f"tokenizer/{p.name}") for p in sorted(dst.iterdir())]
+    return [file_record(work, f"{dst.name}/{p.name}") for p in sorted(dst.iterdir())]  # tokenizer_2 too
 
 
 def make_temp_dir(out: Path, created: list[Path]) -> Path:
