@@ -114,6 +114,7 @@ def test_img2img_parity(k22, negative, batch, side):
     assert wide.images.shape[1:3] == (64, 128)  # the image's size rounded down to multiples of 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negative,batch,width", [("", 1, 64), ("blurry", 2, 128)])
 def test_inpaint_parity(k22_inpaint, negative, batch, width):
     """KandinskyV22InpaintCombinedPipeline: 9-channel decoder, inverted and dilated mask, blend each step."""
@@ -233,6 +234,7 @@ def test_downscale_matches_diffusers():
         assert downscale_height_and_width(h, w, s) == reference_size(h, w, s)
 
 
+@pytest.mark.slow
 def test_cli_defaults_and_prior_flags(k22, tmp_path, capsys):
     """Without --steps/--guidance the decoder runs diffusers' 100 steps at 4.0 (prior 25 at 4.0); the PNG
     carries the parameters."""
@@ -277,3 +279,17 @@ def test_verify_per_stage(k22, capsys):
     assert set(report["stages_rel_l2"]) == {"prior_image_embeds", "negative_image_embeds", "unet_step", "movq_decode",
                                             "movq_encode"}
     assert not report["failed"] and report["image_max_abs"] <= ATOL
+
+
+@pytest.mark.slow
+def test_bench_runs_the_family(k22, tmp_path):
+    """`sdrt bench` on a Kandinsky artifact: the shared stages and the prior's calls."""
+    from sdrt.cli import main
+
+    _, engines, _ = k22
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--engines", str(engines), "--steps", "2", "--runs", "1", "--warmup", "0", "--width", "64",
+                 "--height", "64", "--json", str(out)]) == 0
+    text = out.read_text()
+    for stage in ("prior_call", "unet_call", "vae_decode", "end_to_end"):
+        assert f'"{stage}"' in text, stage
