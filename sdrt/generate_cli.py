@@ -61,7 +61,7 @@ def run(args) -> dict:
     text = a1111_parameters(prompt, p["negative_prompt"], p["steps"], sampler, p["guidance"], p["seed"],
                             p["width"], p["height"], **({"Denoising strength": p["strength"]}
                                                         if args.mode != "txt2img" else {}), **rng_infotext(p["rng"]),
-                            **lora_fields)
+                            **lora_fields, **prior_infotext(p))
     saved = [str(save_png(image, path, text)) for image, path in zip(result.images, paths)]
     timings = {"load": pipe.load_seconds, **result.timings, "total": time.perf_counter() - start}
     summary = {"images": saved, "seed": result.seed, "timings_s": timings, "parameters": p}
@@ -83,6 +83,13 @@ def request_options(args, pipe) -> dict:
 def rng_infotext(rng: str) -> dict:
     """A1111's ``RNG: NV`` for torch's CUDA generator (``--rng cuda[:GPU]``); nothing for the CPU default."""
     return {} if rng == "cpu" else {"RNG": "NV", "sdrt RNG": rng}
+
+
+def prior_infotext(p: dict) -> dict:
+    """Kandinsky 2.2's prior settings in the PNG text (nothing for families without a prior)."""
+    if "prior_steps" not in p:
+        return {}
+    return {"Prior steps": p["prior_steps"], "Prior CFG scale": p["prior_guidance"]}
 
 
 def format_timings(timings: dict) -> str:

@@ -248,7 +248,8 @@ def test_cli_defaults_and_prior_flags(k22, tmp_path, capsys):
                  "--json"]) == 0
     p = json.loads(capsys.readouterr().out)["parameters"]
     assert (p["steps"], p["guidance"], p["prior_steps"], p["prior_guidance"]) == (100, 4.0, 25, 4.0)
-    assert "Steps: 100" in Image.open(out).info["parameters"]
+    text = Image.open(out).info["parameters"]
+    assert "Steps: 100" in text and "Prior steps: 25" in text and "Prior CFG scale: 4.0" in text
     assert main(["txt2img", "--engines", str(engines), "--prompt", PROMPT, "--prior-steps", "2", "--prior-guidance",
                  "1.5", "--steps", "2", "--out", str(tmp_path / "b.png"), "--json"]) == 0
     p = json.loads(capsys.readouterr().out)["parameters"]
