@@ -93,6 +93,7 @@ class Executor(Protocol):
 
 def manifest_info(manifest, engine_dir) -> dict:
     """The artifact as the HTTP layer describes it (plain JSON types, so it crosses process boundaries)."""
+    from sdrt.serve import extras
     sizes, dims = manifest.sizes, manifest.dims
     return {
         "name": os.path.basename(os.path.normpath(str(engine_dir))),
@@ -103,18 +104,9 @@ def manifest_info(manifest, engine_dir) -> dict:
         "inpainting_unet": dims.unet_in_channels != dims.latent_channels,
         "scheduler": manifest.scheduler_config.get("_class_name"),
         "controlnets": dims.controlnets or 0,
-        "defaults": family_defaults(manifest.family),
+        "defaults": extras.family_defaults(manifest.family),
     }
 
-
-def family_defaults(family: str) -> dict:
-    """Steps and guidance a request that names neither gets: the family pipeline's defaults."""
-    if family == "kandinsky22":  # sdrt.specs_kandinsky.FAMILY: diffusers' KandinskyV22CombinedPipeline
-        from sdrt import specs_kandinsky as k
-
-        return {"steps": k.DEFAULT_STEPS, "guidance": k.DEFAULT_GUIDANCE, "prior_steps": k.DEFAULT_PRIOR_STEPS,
-                "prior_guidance": k.DEFAULT_PRIOR_GUIDANCE, "img2img_strength": k.DEFAULT_IMG2IMG_STRENGTH}
-    return {"steps": 30, "guidance": 7.5, "img2img_strength": 0.75}
 
 
 def decode_png(data: bytes, what: str):
@@ -166,6 +158,8 @@ def infotext(req: GenRequest, seed: int, width: int, height: int) -> str:
 def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenResult:
     """Run ``req`` on a Pipeline: images in runs of ``batch_size``, one seed per image, so image k is
     the same whichever run it falls in. Shared by LocalExecutor and the Ray replicas."""
+    from sdrt.serve import extras
+
     if req.mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {req.mode!r}")
     if not req.seeds:
@@ -204,7 +198,7 @@ def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenRe
             result = getattr(pipe, req.mode)(
                 prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.guidance,
                 seed=run, width=req.width, height=req.height, scheduler=req.scheduler, batch=len(run),
-                callback=callback, vae=req.vae, **pipeline_options(req), **extra)
+                callback=callback, vae=req.vae, **extras.pipeline_options(req), **extra)
             pixels_out = result.images
             for stage, value in result.timings.items():
                 value = sum(value) if isinstance(value, list) else value
@@ -227,24 +221,6 @@ def run_request(pipe, req: GenRequest, on_step: StepHook, replica: str) -> GenRe
     if not images:
         raise Cancelled("interrupted before any image")
     return GenResult(images, infotexts, seeds, int(width), int(height), timings, replica)
-
-
-def pipeline_options(req: GenRequest) -> dict:
-    """The Pipeline keyword arguments of ``req``'s optional fields, only those set (a family's pipeline
-    need not take the others)."""
-    options: dict = {"rng": req.rng} if req.rng != "cpu" else {}
-    if req.loras:
-        options["loras"] = [tuple(pair) for pair in req.loras]
-    if req.lora_dir:
-        options["lora_dir"] = req.lora_dir
-    options.update({k: v for k, v in (("prior_steps", req.prior_steps), ("prior_guidance", req.prior_guidance))
-                    if v is not None})
-    if req.control_pngs:
-        options.update(control_images=[decode_png(png, f"control_images[{k}]") for k, png in
-                                       enumerate(req.control_pngs)],
-                       control_scales=list(req.control_scales) or 1.0, control_start=req.control_start,
-                       control_end=req.control_end, guess_mode=req.guess_mode)
-    return options
 
 
 def decode_latents(pipe, latents):

@@ -23,7 +23,7 @@ import re
 from sdrt.errors import InputError
 from sdrt.serve import limits
 from sdrt.serve.errors import ApiError
-from sdrt.serve.executor import encode_png
+from sdrt.serve.executor import GenRequest, decode_png, encode_png
 
 RANDN_SOURCES = {"CPU": "cpu", "GPU": "cuda", "NV": "cuda"}
 _FLAG = re.compile(r"^--rng:?\s*")  # parse_rng's messages name the CLI flag
@@ -168,3 +168,31 @@ def prior(steps, guidance, info: dict, options) -> dict:
     if guidance is not None and not 0 <= _fraction(guidance, "prior_guidance") <= 100:
         raise ApiError(400, f"prior_guidance: must be a number in 0..100, got {guidance!r}")
     return {"prior_steps": steps, "prior_guidance": None if guidance is None else float(guidance)}
+
+
+def family_defaults(family: str) -> dict:
+    """Steps and guidance a request that names neither gets: the family pipeline's defaults."""
+    if family == "kandinsky22":  # sdrt.specs_kandinsky.FAMILY: diffusers' KandinskyV22CombinedPipeline
+        from sdrt import specs_kandinsky as k
+
+        return {"steps": k.DEFAULT_STEPS, "guidance": k.DEFAULT_GUIDANCE, "prior_steps": k.DEFAULT_PRIOR_STEPS,
+                "prior_guidance": k.DEFAULT_PRIOR_GUIDANCE, "img2img_strength": k.DEFAULT_IMG2IMG_STRENGTH}
+    return {"steps": 30, "guidance": 7.5, "img2img_strength": 0.75}
+
+
+def pipeline_options(req: GenRequest) -> dict:
+    """The Pipeline keyword arguments of ``req``'s optional fields, only those set (a family's pipeline
+    need not take the others)."""
+    options: dict = {"rng": req.rng} if req.rng != "cpu" else {}
+    if req.loras:
+        options["loras"] = [tuple(pair) for pair in req.loras]
+    if req.lora_dir:
+        options["lora_dir"] = req.lora_dir
+    options.update({k: v for k, v in (("prior_steps", req.prior_steps), ("prior_guidance", req.prior_guidance))
+                    if v is not None})
+    if req.control_pngs:
+        options.update(control_images=[decode_png(png, f"control_images[{k}]") for k, png in
+                                       enumerate(req.control_pngs)],
+                       control_scales=list(req.control_scales) or 1.0, control_start=req.control_start,
+                       control_end=req.control_end, guess_mode=req.guess_mode)
+    return options
