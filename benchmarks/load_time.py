@@ -68,10 +68,10 @@ def child_load(engine_dir: str) -> dict:
 
     from sdrt.pipeline import Pipeline
 
-    imported = time.perf_counter()
+    imported, cpu1 = time.perf_counter(), cpu_seconds()
     pipe = Pipeline(engine_dir, threads=THREADS)
     result = {"engines": engine_dir, "import_s": imported - start, "pipeline_s": pipe.load_seconds,
-              "pipeline_cpu_s": cpu_seconds() - cpu0,
+              "pipeline_cpu_s": cpu_seconds() - cpu1,
               "open_s": {}, "calls_s": {}, "graphs": {}, "load_before": load0}
     rng = np.random.default_rng(0)
     for name in ORDER:
@@ -174,13 +174,15 @@ def render(data: dict) -> str:
              f"{m['model']}, {m['cores']} cores; flags {' '.join(m['flags'])}; onnxruntime {m['onnxruntime']}. "
              "The box is shared: load average before/after each row.", ""]
     if data.get("load"):
-        lines += ["| ENGINE_DIR | runs | load p50 (min) | " + " | ".join(f"{n} first/warm p50" for n in ORDER)
-                  + " | load avg |", "|---|---|---|" + "---|" * len(ORDER) + "---|"]
+        lines += ["| ENGINE_DIR | runs | load p50 (min) | load CPU s p50 | "
+                  + " | ".join(f"{n} first/warm p50" for n in ORDER) + " | load avg |",
+                  "|---|---|---|---|" + "---|" * len(ORDER) + "---|"]
         for name in dict.fromkeys(Path(r["engines"]).name for r in data["load"]):
             rows = [r for r in data["load"] if Path(r["engines"]).name == name]
             ratios = [median([r["calls_s"][n][0] / median(r["calls_s"][n][1:]) for r in rows]) for n in ORDER]
             loads = [r["load_s"] for r in rows]
-            lines.append(f"| {name} | {len(rows)} | {median(loads):.2f} s ({min(loads):.2f}) | "
+            cpu = median([sum(r.get("open_cpu_s", {}).values()) + r.get("pipeline_cpu_s", 0) for r in rows])
+            lines.append(f"| {name} | {len(rows)} | {median(loads):.2f} s ({min(loads):.2f}) | {cpu:.2f} | "
                          + " | ".join(f"{x:.2f}" for x in ratios)
                          + f" | {min(r['load_before'] for r in rows):.1f}–{max(r['load_after'] for r in rows):.1f} |")
         lines.append("")
@@ -194,18 +196,19 @@ def render(data: dict) -> str:
                 continue
             w, tw = median([r["wall_s"] for r in mine]), median([r["wall_s"] for r in theirs])
             c, tc = median([r["cpu_s"] for r in mine]), median([r["cpu_s"] for r in theirs])
-            every = mine + theirs
+            spans = "; ".join(f"{r['system']} {r['load_before']:.1f}→{r['load_after']:.1f}" for r in mine + theirs)
             lines.append(f"| {count} | {w:.1f} s | {tw:.1f} s | **{w / tw:.2f}** | {c:.1f} | {tc:.1f} | {c / tc:.2f} | "
                          f"{median([r['timings_s']['load'] for r in mine]):.2f} s | {len(mine)} + {len(theirs)} | "
-                         f"{min(r['load_before'] for r in every):.1f}–{max(r['load_after'] for r in every):.1f} |")
+                         f"{spans} |")
         lines.append("")
     return "\n".join(lines + [END])
 
 
-def write(section: str, rows: list[dict], fresh: bool = False) -> None:
+def write(section: str, rows: list[dict], fresh: bool = False) -> None:  # section "": re-render only
     """Add ``rows`` to the JSON's ``section`` (``fresh``: replace it) and regenerate the RESULTS.md block."""
     data = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
-    data.update({"machine": machine(), section: ([] if fresh else data.get(section, [])) + rows})
+    if section:
+        data.update({"machine": machine(), section: ([] if fresh else data.get(section, [])) + rows})
     JSON_PATH.write_text(json.dumps(data, indent=1) + "\n")
     text = RESULTS.read_text()
     block = render(data)
@@ -242,8 +245,8 @@ def main() -> None:
     elif args.what == "oneshot":
         rows = run_oneshot(args.engines, args.model, args.steps, args.runs)
         args.dry or write("oneshot", rows, args.fresh)
-    else:
-        write("none", [])
+    else:  # re-render RESULTS.md from the JSON
+        write("", [])
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ def test_manifest_round_trip_and_tamper(tiny_model_dir, tiny_engine_dir, tmp_pat
     for record in data["tokenizer"]["files"]:
         manifest.check_file(record)
     listed = {r["path"] for e in data["components"].values() for r in e["files"]} | tokenizer_files
+    listed |= {r["path"] for section in data.get("engines", {}).values()  # the CPU-native graphs
+               for e in section["components"].values() for r in e["files"]}
     on_disk = {p.relative_to(tiny_engine_dir).as_posix() for p in tiny_engine_dir.rglob("*") if p.is_file()}
     assert on_disk == listed | {"manifest.json"}
 

@@ -122,7 +122,8 @@ def install(root: Path, work: Path, names: list[str], name: str, source: tuple[s
     """Move a written native graph from ``work`` into ``root/ort-cpu-native`` and record it in the manifest
     (under an exclusive lock, so concurrent processes never interleave files and records); return the record."""
     folder = root / NATIVE
-    with open(folder / ".lock", "w") as lock:
+    lock = os.open(folder, os.O_RDONLY)  # the folder itself is the lock: no extra file in the artifact
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             for file in reversed(names):  # the data first, the graph that points at it last
@@ -137,6 +138,8 @@ def install(root: Path, work: Path, names: list[str], name: str, source: tuple[s
             write_json_atomic(root / MANIFEST_NAME, data)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    finally:
+        os.close(lock)
     return record
 
 
