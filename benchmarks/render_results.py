@@ -175,7 +175,9 @@ def render_compare(reports: list[tuple[dict, str]]) -> str:
                 out += ["", f"UNet call = {work['flops'] / 1e9:,.1f} GFLOP at batch {work['unet_batch']} (counted "
                         f"once from the {work['graph']}: Conv, MatMul, Gemm, attention; `export/flops.py`), the "
                         "same work for every system; `unet_call` is one CFG evaluation (stable-diffusion.cpp: one "
-                        "sampler step, its two half-batch calls)."]
+                        "sampler step, its two half-batch calls). A bf16 system's share is of the fp32 peak "
+                        "(AMX/AVX512_BF16 peaks are higher). openvino compiles per input shape at its first call: "
+                        "its load is reading the ONNX, its compile lands in the first image."]
             elif work:
                 out += ["", work.get("error", "")]
             out.append("")

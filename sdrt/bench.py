@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from sdrt import bench_report, machine
-from sdrt.bench_worker import Worker, peak_rss_bytes, serve  # noqa: F401  (serve: the worker modules' entry)
+from sdrt.bench_worker import Worker, serve
 from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import load_manifest
 from sdrt.progress import progress_bar
@@ -301,10 +301,12 @@ def cmd_bench(args) -> dict:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise InputError(f"--plot must name a .png file, got {args.plot}")
     report = run_bench(cfg)
-    if args.json_out:
+    if args.json_out:  # temp file then rename: never half a JSON
         try:
-            with open(args.json_out, "w") as handle:
+            partial = f"{args.json_out}.partial"
+            with open(partial, "w") as handle:
                 json.dump(report, handle, indent=2)
+            os.replace(partial, args.json_out)
         except OSError as exc:
             raise InputError(f"cannot write --json {args.json_out}: {exc.strerror}") from None
     if args.plot:
