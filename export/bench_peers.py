@@ -101,7 +101,7 @@ class SdcppSystem:
         if match:
             self.logged[match[1]] = float(match[2])
 
-    def load(self, request: dict) -> None:
+    def load(self, request: dict) -> dict:
         import tempfile
 
         import stable_diffusion_cpp as sd_cpp
@@ -118,6 +118,7 @@ class SdcppSystem:
                                   verbose=False)
         self._callback = sd_cpp.sd_log_callback(self._log)  # kept alive: ctypes does not hold it
         sd_cpp.sd_set_log_callback(self._callback, ctypes.c_void_p(0))
+        return {"precision": "fp32 (the weights' own type)", "notes": sampler(request.get("scheduler"))[1]}
 
     def run(self, r: dict) -> dict:
         method, _ = sampler(r["scheduler"])
@@ -127,11 +128,16 @@ class SdcppSystem:
         self.sd.generate_image(prompt=r["prompt"], negative_prompt=r["negative_prompt"], width=r["width"],
                                height=r["height"], cfg_scale=r["guidance"], sample_method=method,
                                sample_steps=r["steps"], seed=r["seed"],
-                               progress_callback=lambda step, steps, t: marks.append(time.perf_counter()))
+                               progress_callback=lambda step, steps, t: marks.append((step, time.perf_counter())))
         end_to_end = time.perf_counter() - start
         sampling = self.logged.get("sampling", 0.0)
-        steps = [b - a for a, b in zip(marks, marks[1:])]
-        steps.insert(0, max(sampling - sum(steps), 0.0))  # first step: sampling total minus the others
+        done = [t for step, t in marks if step >= 1][-r["steps"]:]  # sd.cpp may also report step 0 at the start
+        begin = [t for step, t in marks if step == 0]
+        steps = [b - a for a, b in zip(done, done[1:])]
+        if begin and done:  # the step-0 report marks the start of sampling
+            steps.insert(0, done[0] - begin[-1])
+        else:  # first step: sampling total minus the others
+            steps.insert(0, max(sampling - sum(steps), 0.0))
         return {"text_encoder": self.logged.get("get_learned_condition", 0.0), "unet_call": steps,
                 "vae_decode": self.logged.get("decode_first_stage", 0.0), "end_to_end": end_to_end}
 
