@@ -142,7 +142,8 @@ def _add_request(g, mode: str) -> None:
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--negative-prompt", default="", help="what to steer away from")
     g.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: the pipeline's, as diffusers: 30; Kandinsky 2.2's decoder 100)")
+                   help="denoising steps (default: 30); Kandinsky 2.2's decoder: 100 (the pipelines' defaults, "
+                        "as diffusers)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, 0 or 1: no CFG (default 7.5; Kandinsky 2.2's decoder 4.0)")
     g.add_argument("--prior-steps", type=int, default=None, help="Kandinsky 2.2: the prior's steps (default 25)")

@@ -39,8 +39,8 @@ def run(args) -> dict:
     if args.mode == "inpaint":
         extra["mask"] = load_image(args.mask, "mask")
         check_same_size(extra["image"], extra["mask"])
-    extra.update(control_request(args))  # --control-image IMG ..., --control-scale, --control-start/-end, --guess-mode
     extra.update(cli_request(args))  # --lora FILE[:WEIGHT], --lora-dir DIR (bad weights and files fail here)
+    extra.update(control_request(args))  # --control-image IMG ..., --control-scale, --control-start/-end, --guess-mode
     pipe = Pipeline(args.engines, backend=args.backend, threads=args.threads)
     with contextlib.ExitStack() as stack:
         bars = []  # opened at the first step, so a request refused up front prints only its error line
@@ -81,8 +81,9 @@ def request_options(args, pipe) -> dict:
 
 
 def rng_infotext(rng: str) -> dict:
-    """A1111's ``RNG: NV`` for torch's CUDA generator (``--rng cuda[:GPU]``); nothing for the CPU default."""
-    return {} if rng == "cpu" else {"RNG": "NV", "sdrt RNG": rng}
+    """A1111's ``RNG`` field: ``CPU`` for torch's CPU generator, ``NV`` for its CUDA generator (``--rng
+    cuda[:GPU]``). Always written: A1111 reads a missing ``RNG`` as its GPU default."""
+    return {"RNG": "CPU"} if rng == "cpu" else {"RNG": "NV", "sdrt RNG": rng}
 
 
 def prior_infotext(p: dict) -> dict:

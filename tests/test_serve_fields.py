@@ -76,7 +76,7 @@ def test_jobs_rng_cuda_equals_pipeline(client, pipe):
     np.testing.assert_array_equal(pixels(cpu[0]), pipe.txt2img(PROMPT, seed=5, scheduler="Euler a", **FAST).images[0])
     assert not np.array_equal(pixels(cpu[0]), pixels(cuda[0]))
     assert "RNG: NV" in png_text(cuda[0]) and "sdrt RNG: cuda:h100" in png_text(cuda[0])
-    assert "RNG" not in png_text(cpu[0])
+    assert "RNG: CPU" in png_text(cpu[0]) and "sdrt RNG" not in png_text(cpu[0])
     a100 = job_images(client, {**body, "batch": 1, "rng": "CUDA:A100"})  # any spelling parse_rng takes
     np.testing.assert_array_equal(pixels(a100[0]), expected[0])  # 64x64 latents: below every GPU's T_max
     assert "sdrt RNG: cuda:a100" in png_text(a100[0])
