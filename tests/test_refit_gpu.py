@@ -4,13 +4,12 @@ Skips, saying why, without an NVIDIA GPU, CUDA and tensorrt / tensorrt_rtx (the 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
 import numpy as np
 import pytest
+from tests.gpu_trt import trt_gpu_backend
 
-from sdrt.backends.cuda import CudaError, gpu_info
 from sdrt.manifest import load_manifest
 from sdrt.specs import SizeRange
 
@@ -18,19 +17,8 @@ SIZES = SizeRange(min_size=64, opt_size=128, max_size=256, max_batch=2)  # = tin
 LORA = ("text_encoder", "unet")
 
 
-def _gpu_backend():
-    try:
-        gpu = gpu_info()
-    except CudaError as exc:
-        return None, f"needs an NVIDIA GPU with CUDA ({exc})"
-    for backend, module in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx")):
-        if importlib.util.find_spec(module):
-            return backend, ""
-    return None, f"needs tensorrt or tensorrt_rtx installed; {gpu.name} has neither"
-
-
-GPU_BACKEND, WHY_NOT = _gpu_backend()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU_BACKEND is None, reason=WHY_NOT or "?")]
+GPU_BACKEND, WHY_NOT = trt_gpu_backend()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU_BACKEND is None, reason=WHY_NOT)]
 
 
 @pytest.fixture()

@@ -4,28 +4,13 @@ Everything here skips without an NVIDIA GPU, CUDA and tensorrt / tensorrt_rtx.""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
+from tests.gpu_trt import trt_gpu_backend
 
-from sdrt.backends.cuda import CudaError, gpu_info
 from sdrt.specs import SizeRange
 
-
-def _gpu_backend() -> tuple[str | None, str]:
-    """(the flavour to test, or None and why not)."""
-    try:
-        gpu = gpu_info()
-    except CudaError as exc:
-        return None, f"needs an NVIDIA GPU with CUDA ({exc})"
-    for backend, module in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx")):
-        if importlib.util.find_spec(module):
-            return backend, ""
-    return None, f"needs tensorrt or tensorrt_rtx installed (pip install tensorrt); {gpu.name} has neither"
-
-
-BACKEND, WHY_NOT = _gpu_backend()
+BACKEND, WHY_NOT = trt_gpu_backend()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(BACKEND is None, reason=WHY_NOT)]
 SIZES = SizeRange(min_size=64, opt_size=128, max_size=256, max_batch=2)
 
