@@ -88,3 +88,24 @@ def family_exports(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def kandinsky_exports(tmp_path_factory):
+    """arch -> (model folder, ENGINE_DIR) of tiny-kandinsky22[-inpaint], made with `sdrt make-model` (seed 0) and
+    exported with `sdrt export` (sizes 64..128, opt 64, max batch 2) on first use, once per session. Shared by
+    tests/test_kandinsky.py and tests/test_kandinsky_export.py. Do not modify them (copy first)."""
+    from sdrt.cli import main
+
+    root, built = tmp_path_factory.mktemp("kandinsky"), {}
+
+    def get(arch):
+        if arch not in built:
+            model, engines = root / arch, root / f"{arch}-engines"
+            assert main(["make-model", str(model), "--arch", arch, "--seed", "0"]) == 0
+            assert main(["export", "--model", str(model), "--out", str(engines), "--min-size", "64", "--opt-size",
+                         "64", "--max-size", "128", "--max-batch", "2"]) == 0
+            built[arch] = model, engines
+        return built[arch]
+
+    return get

@@ -29,17 +29,15 @@ def run(capsys, *args) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def k22_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("k22") / "model"
-    assert main(["make-model", str(out), "--arch", "tiny-kandinsky22"]) == 0
-    return out
+def k22_model(kandinsky_exports) -> Path:
+    """OUT of `sdrt make-model OUT --arch tiny-kandinsky22` (the session's, shared with tests/test_kandinsky.py)."""
+    return kandinsky_exports("tiny-kandinsky22")[0]
 
 
 @pytest.fixture(scope="module")
-def k22_engines(k22_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("k22e") / "engines"
-    assert main(["export", "--model", str(k22_model), "--out", str(out), *SIZES]) == 0
-    return out
+def k22_engines(kandinsky_exports) -> Path:
+    """`sdrt export --model OUT` of k22_model (sizes 64..128, batch 2)."""
+    return kandinsky_exports("tiny-kandinsky22")[1]
 
 
 def test_make_model_layouts(k22_model, tmp_path):
