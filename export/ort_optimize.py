@@ -54,14 +54,8 @@ def optimize(src: Path, dst_dir: Path, name: str, settings: dict, external: bool
     model, fields = str(src), {}
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["optimization_level"])
-    options.optimized_model_filepath = str(dst_dir / f"{name}.onnx")
     options.log_severity_level = 3
-    files = [f"{name}.onnx"]
-    if external:
-        files.append(f"{name}.onnx.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", files[1])
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                         str(EXTERNAL_DATA_MIN_BYTES))
+    files = ort_native.saving_to(options, dst_dir, name, external, EXTERNAL_DATA_MIN_BYTES)
     if settings.get("attention_fusion") == ATTENTION_FUSION:
         fused, fields["fused_attention"] = _fused_attention(src)
         if fused is not None:  # from memory; its external initializers are still read beside ``src``

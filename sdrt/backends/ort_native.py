@@ -91,13 +91,19 @@ def save_options(options: ort.SessionOptions, work: Path, name: str, external: b
     fit in one file: weights in a page-aligned data file are memory-mapped at load, not parsed and copied);
     return the file names."""
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(work / f"{name}.onnx")
+    return saving_to(options, work, name, external, EXTERNAL_MIN_BYTES)
+
+
+def saving_to(options: ort.SessionOptions, folder: Path, name: str, external: bool, min_bytes: int) -> list[str]:
+    """Make the session ``options`` open write its optimized graph to ``folder/name.onnx``, initializers of
+    ``min_bytes`` or more to ``name.onnx.data`` when ``external``; return the file names."""
+    options.optimized_model_filepath = str(folder / f"{name}.onnx")
     files = [f"{name}.onnx"]
     if external:
         files.append(f"{name}.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", files[1])
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                         str(EXTERNAL_MIN_BYTES))
+                                         str(min_bytes))
     return files
 
 
