@@ -127,7 +127,7 @@ def test_png_parameters_are_a1111(tiny_engine_dir, tmp_path, capsys):
     assert lines[1] == "Negative prompt: blurry, low quality"
     assert len(lines) == 3
     assert lines[2].startswith("Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x72")
-    assert fields == {"Steps": "2", "Sampler": "Euler a", "CFG scale": "7.5", "Seed": "42", "Size": "64x72"}
+    assert fields == {"Steps": "2", "Sampler": "Euler a", "CFG scale": "7.5", "Seed": "42", "Size": "64x72", "RNG": "CPU"}
     with Image.open(out) as image:
         assert image.size == (64, 72)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # no temp file left beside it
