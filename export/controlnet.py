@@ -18,12 +18,11 @@ import torch
 
 from sdrt.errors import ModelError
 from sdrt.specs import CONTROLNET_PREFIX, UNET, UNET_CONTROL, ModelDims, build_specs, control_components
-from sdrt_export.wrappers import UNetWrapper, read_json
+from sdrt_export.wrappers import UNetWrapper, model_folder, read_json
 
 log = logging.getLogger(__name__)
 
 CLASS_NAME = "ControlNetModel"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # config keys that must equal the UNet's for the residuals (and the SDXL added conditioning) to fit
 MATCHING_KEYS = ("block_out_channels", "cross_attention_dim", "addition_embed_type",
                  "projection_class_embeddings_input_dim")
@@ -49,15 +48,7 @@ def validate_controlnet_dirs(paths, model_dir: Path, dims: ModelDims) -> list[tu
     unet = read_json(model_dir / "unet" / "config.json")
     out = []
     for path in paths:
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise ModelError(f"ControlNet folder {folder} does not exist")
-        config = read_json(folder / "config.json")
-        if config.get("_class_name") != CLASS_NAME:
-            raise ModelError(f"{folder} holds a {config.get('_class_name') or 'model without _class_name'}, "
-                             f"not a {CLASS_NAME}")
-        if not any((folder / name).is_file() for name in WEIGHT_FILES):
-            raise ModelError(f"{folder} has no {' or '.join(WEIGHT_FILES)}")
+        folder, config = model_folder(path, CLASS_NAME, "ControlNet")
         problems = [f"{key} {config.get(key)!r} (the UNet's: {unet.get(key)!r})" for key in MATCHING_KEYS
                     if _norm(config.get(key)) != _norm(unet.get(key))]
         if residual_layout(config) != residual_layout(unet):

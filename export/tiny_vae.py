@@ -17,7 +17,7 @@ import torch
 
 from sdrt.errors import ModelError
 from sdrt.specs import TINY_VAE_DECODER, TINY_VAE_ENCODER, ModelDims
-from sdrt_export.wrappers import read_json
+from sdrt_export.wrappers import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,8 @@ class TinyVaeEncoderWrapper(torch.nn.Module):
 
 def validate_tiny_vae_dir(path, dims: ModelDims) -> tuple[Path, dict]:
     """The folder and config of an AutoencoderTiny whose latents fit this model; ``ModelError`` otherwise."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelError(f"tiny VAE folder {folder} does not exist (write one with `sdrt make-model DIR --arch taesd`)")
-    config = read_json(folder / "config.json")
-    if config.get("_class_name") != CLASS_NAME:
-        raise ModelError(f"{folder} holds a {config.get('_class_name') or 'model without _class_name'}, "
-                         f"not an {CLASS_NAME} (TAESD)")
-    if not any((folder / name).is_file() for name in ("diffusion_pytorch_model.safetensors",
-                                                      "diffusion_pytorch_model.bin")):
-        raise ModelError(f"{folder} has no diffusion_pytorch_model.safetensors")
+    folder, config = model_folder(path, CLASS_NAME, "tiny VAE (TAESD)",
+                                  " (write one with `sdrt make-model DIR --arch taesd`)")
     channels = int(config.get("latent_channels", 4))
     if channels != dims.latent_channels or int(config.get("in_channels", 3)) != dims.image_channels:
         raise ModelError(f"the tiny VAE in {folder} has {channels} latent channels, this model's VAE "

@@ -82,6 +82,24 @@ class VaeEncoderWrapper(torch.nn.Module):
         return posterior.mean, posterior.logvar
 
 
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def model_folder(path, class_name: str, label: str, hint: str = "") -> tuple[Path, dict]:
+    """(folder, config) of a diffusers model folder holding a ``class_name`` with its weights; ``ModelError``
+    naming ``label`` (what the user passed it as) otherwise; ``hint`` follows the "does not exist" message."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"{label} folder {folder} does not exist{hint}")
+    config = read_json(folder / "config.json")
+    if config.get("_class_name") != class_name:
+        raise ModelError(f"{folder} holds a {config.get('_class_name') or 'model without _class_name'}, "
+                         f"not the {class_name} a {label} folder holds")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"{folder} has no {' or '.join(WEIGHT_FILES)}")
+    return folder, config
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
