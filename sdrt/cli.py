@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 
+from sdrt import cli_args
 from sdrt.cli_help import Parser, VersionAction, add_verbose, examples
 from sdrt.errors import SdrtError
 from sdrt.progress import setup_logging
@@ -111,68 +112,6 @@ def cmd_info(args) -> dict:
     return info.describe(args.engine_dir, verify=args.verify)
 
 
-def _add_size_range(p) -> None:
-    p.add_argument("--min-size", type=int, default=256, help="smallest image side served (pixels)")
-    p.add_argument("--opt-size", type=int, default=None, help="side TensorRT tunes for (default 512)")
-    p.add_argument("--max-size", type=int, default=1024, help="largest image side served (pixels)")
-    p.add_argument("--max-batch", type=int, default=4, help="most images per prompt")
-
-
-def _add_backend(p) -> None:
-    from sdrt.backends import BACKENDS
-
-    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
-                   help="what runs the components: the exported ONNX (or the graphs `sdrt build-engines` optimized "
-                        "for this backend) on ONNX Runtime, or TensorRT engines built by `sdrt build-engines`")
-
-
-def _add_control(g) -> None:
-    g.add_argument("--control-image", metavar="IMG", action="append", default=None,
-                   help="control image, one per ControlNet in export order (resized to the output size)")
-    g.add_argument("--control-scale", metavar="S", type=float, action="append", default=None,
-                   help="conditioning scale per ControlNet (one value: every net; default 1.0)")
-    g.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
-    g.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
-    g.add_argument("--guess-mode", action="store_true",
-                   help="diffusers' guess mode: ControlNets see the conditional batch only, residuals scaled "
-                        "from 0.1 (shallow) to 1.0 (deep)")
-
-
-def _add_request(g, mode: str) -> None:
-    g.add_argument("--prompt", required=True, help="what to draw")
-    g.add_argument("--negative-prompt", default="", help="what to steer away from")
-    g.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: 30); Kandinsky 2.2's decoder: 100 (the pipelines' defaults, "
-                        "as diffusers)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, 0 or 1: no CFG (default 7.5; Kandinsky 2.2's decoder 4.0)")
-    g.add_argument("--prior-steps", type=int, default=None, help="Kandinsky 2.2: the prior's steps (default 25)")
-    g.add_argument("--prior-guidance", type=float, default=None,
-                   help="Kandinsky 2.2: the prior's guidance scale (default 4.0)")
-    g.add_argument("--seed", type=int, default=None, help="default: random, printed")
-    g.add_argument("--width", type=int, default=None, help="default: the artifact's opt size")
-    g.add_argument("--height", type=int, default=None, help="default: the artifact's opt size")
-    g.add_argument("--scheduler", default=None,
-                   help="e.g. 'Euler a', 'DPM++ 2M Karras', DDIM; default: the model's own")
-    g.add_argument("--batch", type=int, default=1, help="images per prompt")
-    if mode != "txt2img":
-        g.add_argument("--strength", type=float, default=None,
-                       help="how much of the image to redraw, in (0, 1] [as diffusers: img2img 0.75, Kandinsky "
-                            "2.2 0.3; inpaint 1.0, SDXL 0.9999]")
-
-
-GENERATE_EXAMPLES = {
-    "txt2img": ('sdrt txt2img --engines engines/tiny --prompt "a photo of a cat" --seed 42 --out cat.png',
-                'sdrt txt2img --engines engines/sd15 --prompt "a castle" --negative-prompt blurry --steps 20 \\\n'
-                '      --scheduler "DPM++ 2M Karras" --width 512 --height 768 --batch 2 --out castle.png',
-                'sdrt txt2img --engines engines/sdxl-turbo --prompt "a fox" --steps 1 --guidance 0 --out fox.png'),
-    "img2img": ('sdrt img2img --engines engines/sd15 --prompt "an oil painting" --image in.png --strength 0.6 '
-                '--out out.png',),
-    "inpaint": ('sdrt inpaint --engines engines/sd15 --prompt "a red sofa" --image room.png --mask mask.png '
-                '--out out.png',),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sdrt", description=DESCRIPTION, epilog=examples(
         "sdrt make-model /tmp/model --arch tiny        # random weights; or use a real diffusers folder",
@@ -213,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="ENGINE_DIR", required=True, help="folder to create")
     g.add_argument("--force", action="store_true", help="replace an existing ENGINE_DIR")
     g.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
-    _add_size_range(p.add_argument_group("size range (what the artifact serves)"))
+    cli_args.add_size_range(p.add_argument_group("size range (what the artifact serves)"))
     g = p.add_argument_group("export")
     g.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 17)")
     g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
@@ -266,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=f"{mode} from an ENGINE_DIR (no torch needed)",
                            description=f"{mode} from an ENGINE_DIR alone (numpy + ONNX Runtime or TensorRT, no torch); "
                                        "the PNG carries the parameters in A1111's format.",
-                           epilog=examples(*GENERATE_EXAMPLES[mode]))
+                           epilog=examples(*cli_args.GENERATE_EXAMPLES[mode]))
         g = p.add_argument_group("input and output")
         g.add_argument("--engines", metavar="ENGINE_DIR", required=True, help="written by `sdrt export`")
         if mode != "txt2img":
@@ -275,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--mask", required=True, help="white = repaint, black = keep")
         g.add_argument("--out", metavar="PNG", required=True, help="output file (batch > 1 adds -1, -2, ...)")
         g.add_argument("--json", action="store_true", help="print per-stage timings as JSON (and no progress bar)")
-        _add_request(p.add_argument_group("request"), mode)
+        cli_args.add_request(p.add_argument_group("request"), mode)
         g = p.add_argument_group("runtime")
-        _add_backend(g)
+        cli_args.add_backend(g)
         g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
         g.add_argument("--vae", choices=("full", "tiny"), default="full",
                        help="tiny: the TAESD that `sdrt export --tiny-vae` added (fast previews, few-step models)")
@@ -289,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--lora-dir", metavar="DIR", default=None,
                        help="where A1111 prompt tags <lora:NAME:WEIGHT> find NAME.safetensors (tags are removed "
                             "from the prompt before tokenizing)")
-        _add_control(p.add_argument_group("ControlNet (artifacts exported with --controlnet)"))
+        cli_args.add_control(p.add_argument_group("ControlNet (artifacts exported with --controlnet)"))
         p.set_defaults(func=cmd_generate, mode=mode)
 
     p = sub.add_parser("verify", help="compare sdrt with the diffusers pipeline (needs torch)",
@@ -346,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runs", type=int, default=5, help="timed runs per system and point")
     g.add_argument("--warmup", type=int, default=1, help="untimed runs per system and point before them")
     g.add_argument("--threads", type=int, default=None, help="threads for every system (default: usable cores)")
-    _add_backend(g)
+    cli_args.add_backend(g)
     g.add_argument("--sweep", action="store_true", help="resolutions 256/384/512 x batch 1/2/4 (within the artifact)")
     g = p.add_argument_group("comparison and output")
     g.add_argument("--compare-diffusers", metavar="MODEL_DIR", default=None,
