@@ -1,9 +1,11 @@
 """ENGINE_DIR/manifest.json: everything the runtime needs to know about an artifact directory.
 
 The exporter (and later the engine builder) writes it; the runtime reads nothing but ENGINE_DIR.
-Files are checked against their recorded digest before any backend sees them: BLAKE3 (the ``blake3``
-package, multithreaded over a memory map; 3-4x sha256's speed per core, benchmarks/NOTES.md) where the
-record has one, else sha256 (manifests written before BLAKE3 was recorded; records keep sha256 too).
+Files are checked against their recorded digest before any engine is used: graphs before a backend parses
+them; weight data files may be hashed while a session maps them (``sdrt.backends.ort``). BLAKE3 (the
+``blake3`` package, multithreaded over a memory map; 3-4x sha256's speed per core, benchmarks/NOTES.md)
+where the record has one, else sha256 (manifests written before BLAKE3 was recorded; records keep sha256
+too).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import mmap
 import os
 import shlex
+import sys
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -79,6 +82,16 @@ def _digest(path: Path, record: dict, threads: int | None = None) -> tuple[bool,
     if _blake3 is not None and isinstance(record.get("blake3"), str):
         return blake3_file(path, threads) == record["blake3"], key
     return sha256_file(path) == record["sha256"], key
+
+
+def _lower_priority(niceness: int = 10) -> None:
+    """Make the calling thread yield to the engines' compute threads (Linux: per-thread nice value), so a
+    check running ahead fills a core they leave idle instead of slowing an engine call down."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        except OSError:
+            pass
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -207,6 +220,7 @@ class Manifest:
             self._ahead[record["path"]] = future
 
         def run():
+            _lower_priority()
             for record, future in todo:
                 if future.set_running_or_notify_cancel():
                     try:

@@ -1,6 +1,6 @@
 """Load-time paths (issue 11): CPU-native graphs written by `sdrt export` / `build-engines --backend ort-cpu`
-and opened without graph optimization; stale or damaged ones refused, never handed to ONNX Runtime, and
-rebuilt; BLAKE3 records beside sha256 (old sha256-only manifests still checked); checks started ahead.
+and opened without graph optimization; stale or damaged ones refused (a damaged graph never reaches ONNX Runtime;
+weight data hashed while its session is created, which is dropped on a mismatch) and rebuilt; BLAKE3 records beside sha256 (old sha256-only manifests still checked); checks started ahead.
 No timing assertions: benchmarks/load_time.py measures."""
 
 from __future__ import annotations
@@ -127,17 +127,54 @@ def test_stale_native_graph_refused_and_rebuilt(engines, opened, plain_images, c
     assert (f"{NATIVE}/unet.onnx", onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL) in opened
 
 
-def test_damaged_native_graph_never_reaches_onnxruntime(engines, opened, plain_images, caplog):
-    damaged = engines / NATIVE / "unet.onnx.data"
-    flip(damaged)
+@pytest.mark.parametrize("part", ["unet.onnx", "unet.onnx.data"])
+def test_damaged_native_graph_refused_and_rebuilt(engines, opened, plain_images, caplog, part):
+    """A damaged graph never reaches ONNX Runtime. Damaged weight data may be mapped by a session created
+    while it is hashed (``ort._open_checked``), but that session is dropped, never called."""
+    flip(engines / NATIVE / part)
     with caplog.at_level(logging.WARNING, logger="sdrt"):
         result = Pipeline(engines, threads=1).txt2img("a cat", **REQUEST)
     assert any("refused" in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
-    assert not any(path == f"{NATIVE}/unet.onnx" for path, _ in opened[:3])  # not before it was rewritten
+    native_opens = [i for i, (path, _) in enumerate(opened) if path == f"{NATIVE}/unet.onnx"]
+    rewrite = opened.index(("engines/unet.onnx", onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL))
+    assert native_opens == ([] if part == "unet.onnx" else [rewrite - 1])  # the dropped session only
     np.testing.assert_allclose(result.unit_images, plain_images, rtol=0, atol=1e-5)
     manifest = load_manifest(engines)
     for file in manifest.engines(NATIVE)["components"]["unet"]["files"]:
         manifest.check_file(file)  # the rewritten graph matches its new record
+
+
+@pytest.mark.parametrize("opener_fails", [False, True])
+def test_weights_hashed_while_opening_decide_the_outcome(tmp_path, opener_fails):
+    """``_open_checked``: the graph is checked before the opener runs; a weight file that fails its digest
+    drops the opened engine, and its error outranks the opener's own (garbage weights can fail a load)."""
+    from sdrt.backends.ort import _open_checked
+
+    for name in ("g.onnx", "g.onnx.data"):
+        (tmp_path / name).write_bytes(os.urandom(1 << 20))
+    records = [file_record(tmp_path, name) for name in ("g.onnx", "g.onnx.data")]
+    seen = []
+
+    def opener():
+        seen.append("opened")
+        if opener_fails:
+            raise ArtifactError("ONNX Runtime cannot load g.onnx")
+        return "engine"
+
+    if opener_fails:  # intact files: the opener's own error
+        with pytest.raises(ArtifactError, match="cannot load"):
+            _open_checked(Manifest(tmp_path, {}), records, None, opener)
+    else:
+        assert _open_checked(Manifest(tmp_path, {}), records, None, opener) == "engine"
+    flip(tmp_path / "g.onnx.data")
+    with pytest.raises(ArtifactError, match="g.onnx.data does not match"):
+        _open_checked(Manifest(tmp_path, {}), records, None, opener)
+    flip(tmp_path / "g.onnx.data")
+    flip(tmp_path / "g.onnx")
+    seen.clear()
+    with pytest.raises(ArtifactError, match="g.onnx does not match"):
+        _open_checked(Manifest(tmp_path, {}), records, None, opener)
+    assert seen == []  # a damaged graph is never opened
 
 
 def test_read_only_artifact_falls_back_without_writing(engines, opened, plain_images, monkeypatch):

@@ -121,10 +121,29 @@ def _usable_native(manifest: Manifest, component: str) -> tuple[tuple, dict | No
     return source, record, ort_native.problem(record, *source) if record else None
 
 
+def _open_checked(manifest: Manifest, files: list[dict], fix: str | None, opener):
+    """``opener()``'s engine, returned only once every file in ``files`` matched its digest. Graphs (which
+    ONNX Runtime parses) are checked before it starts; weight data files (``.data``: raw tensors read at the
+    offsets and sizes the checked graph gives, the bulk of the bytes) are hashed on the check thread while
+    the session is created, since its weight prepacking is single-threaded and leaves a core free. A
+    mismatch drops the session and raises; it outranks any error ONNX Runtime gave meanwhile."""
+    weights = [f for f in files if f["path"].endswith(".data")]
+    manifest.verify_ahead(weights)  # (already queued ones stay queued)
+    for file in files:
+        if file not in weights:
+            manifest.check_file(file, fix)
+    try:
+        engine = opener()
+    finally:
+        for file in weights:
+            manifest.check_file(file, fix)
+    return engine
+
+
 def _open_cpu(manifest: Manifest, component: str, spec: ComponentSpec, threads: int | None) -> "OrtEngine":
     (kind, files), record, refused = _usable_native(manifest, component)
-    if not manifest._ahead:  # the first engine of this artifact: check the next ones on a background thread
-        ahead = []
+    if not manifest._ahead:  # the first engine of this artifact: its weights, then the next components' files
+        ahead = [f for f in (record["files"] if record and refused is None else files) if f["path"].endswith(".data")]
         for name in (n for n in AHEAD if n != component and manifest.has(n)):
             (_, source), native, why = _usable_native(manifest, name)
             ahead += native["files"] if native and why is None else source
@@ -136,19 +155,18 @@ def _open_cpu(manifest: Manifest, component: str, spec: ComponentSpec, threads: 
         if not source.is_file() or source.stat().st_size != file["size"]:
             manifest.check_file(file, fix)  # raises the usual error
     if record and refused is None:
+        native = manifest.root / record["files"][0]["path"]
         try:
-            for file in record["files"]:
-                manifest.check_file(file, fix)
+            return _open_checked(manifest, record["files"], fix,
+                                 lambda: OrtEngine(path, spec, threads=threads, native=native))
         except ArtifactError as exc:
             refused = str(exc)
-        else:
-            return OrtEngine(path, spec, threads=threads, native=manifest.root / record["files"][0]["path"])
-    for file in files:
-        manifest.check_file(file, fix)
     if record is None:
         log.info("%s: no %s graph in %s; opening %s with graph optimization (slower load)", component,
                  ort_native.NATIVE, manifest.root, path.name)
-        return OrtEngine(path, spec, threads=threads)
+        return _open_checked(manifest, files, fix, lambda: OrtEngine(path, spec, threads=threads))
+    for file in files:  # checked before anything is optimized from them and saved
+        manifest.check_file(file, fix)
     log.warning("%s: its %s graph is refused: %s; opening %s instead", component, ort_native.NATIVE, refused, path.name)
     try:
         session = ort_native.rebuild(manifest, component, path, (kind, files), session_options(threads),
