@@ -67,15 +67,17 @@ class TextConditioner:
         if not self.dims.has_text_encoder_2:
             with timings("tokenize"):
                 ids = self.tokenizers[0](prompts)
+            encoder = self.engine(TEXT_ENCODER)  # opened outside the stage: its time is ``load``
             with timings("text_encoder"):
-                hidden = self.engine(TEXT_ENCODER)({"input_ids": ids})["last_hidden_state"]
+                hidden = encoder({"input_ids": ids})["last_hidden_state"]
             return check_finite(hidden, "text embeddings"), None
         hiddens, pooled = [], None
         for tokenizer, name in zip(self.tokenizers, (TEXT_ENCODER, TEXT_ENCODER_2)):
             with timings("tokenize"):
                 ids = tokenizer(prompts)
+            encoder = self.engine(name)
             with timings("text_encoder"):
-                out = self.engine(name)({"input_ids": ids})
+                out = encoder({"input_ids": ids})
             hiddens.append(check_finite(out["hidden_states"], f"{name} embeddings"))
             pooled = out.get("text_embeds", pooled)
         return np.concatenate(hiddens, axis=-1), check_finite(pooled, "pooled text embeddings")

@@ -198,8 +198,9 @@ class KandinskyPipeline(BasePipeline):
                                                   timings)
         latents = self._denoise(mode, latents, extra, image_embeds, sched, timesteps, cfg, guidance, generator,
                                 timings, stage_callback(prior_steps))
+        movq = self.engine(MOVQ_DECODER)  # opened outside the stage: its time is ``load``
         with timings("vae_decode"):
-            decoded = self.engine(MOVQ_DECODER)({LATENT: latents})[IMAGES]
+            decoded = movq({LATENT: latents})[IMAGES]
         unit = to_unit(check_finite(to_host(decoded), "decoded image (MoVQ)"))
         samples = timings.samples
         loop = sum(samples.pop("step", [])) + sum(samples.pop("prior_steps", []))
@@ -213,8 +214,9 @@ class KandinskyPipeline(BasePipeline):
 
     def _encode(self, pixels, batch, timings) -> np.ndarray:
         """``movq.encode(x).latents``: unscaled, no distribution to sample; one image repeated per row."""
+        movq = self.engine(MOVQ_ENCODER)
         with timings("vae_encode"):
-            latents = to_host(self.engine(MOVQ_ENCODER)({IMAGES: pixels})[LATENTS])
+            latents = to_host(movq({IMAGES: pixels})[LATENTS])
         return np.repeat(check_finite(latents, "image latents (MoVQ encoder)"), batch, axis=0)
 
     def _inpaint_inputs(self, image, mask, width, height, shape, batch, cfg, sched, generator, timings):

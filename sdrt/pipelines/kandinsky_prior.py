@@ -74,8 +74,9 @@ class PriorStage:
         with timings("tokenize"):
             ids = self.tokenizer(prompts)
             mask = attention_mask(ids, self.tokenizer.eos_id)
+        encoder = self.engine(PRIOR_TEXT_ENCODER)  # opened outside the stage: its time is ``load``
         with timings("text_encoder"):
-            out = self.engine(PRIOR_TEXT_ENCODER)({INPUT_IDS: ids})
+            out = encoder({INPUT_IDS: ids})
         embeds = check_finite(to_host(out[TEXT_EMBEDS]), "prior text embeddings")
         hidden = check_finite(to_host(out[LAST_HIDDEN_STATE]), "prior text hidden states")
         return embeds, hidden, mask

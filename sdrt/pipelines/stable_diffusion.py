@@ -147,8 +147,9 @@ class StableDiffusionPipeline(BasePipeline):
         latents = self._denoise(mode, latents, extra, conditioning, sched, timesteps, cfg, guidance, generator,
                                 callback, timings, control)
         decoder, _, scaling = vae_parts
+        vae_decoder = self.engine(decoder)  # opened outside the stage: its time is ``load``
         with timings("vae_decode"):
-            decoded = self.engine(decoder)({"latent": latents / float(np.float32(scaling))})
+            decoded = vae_decoder({"latent": latents / float(np.float32(scaling))})
         unit = to_unit(check_finite(to_host(decoded["images"]), f"decoded image ({decoder})"))
         unet_total = sum(timings.samples.get("unet", []))
         timings.samples["loop_overhead"] = [sum(timings.samples.pop("step", [])) - unet_total]
@@ -192,8 +193,9 @@ class StableDiffusionPipeline(BasePipeline):
                 sample[half:half + batch, :channels, ...] = scaled
             feeds["timestep"] = timestep_rows[i, ...]
             residuals = control.residuals(i, feeds) if control is not None else None  # ControlNets' sum
+            engine = self.engine(UNET_CONTROL) if residuals else unet  # (opened on first use, before the stage)
             with timings("unet"):
-                out = self.engine(UNET_CONTROL)({**feeds, **residuals}) if residuals else unet(feeds)
+                out = engine({**feeds, **residuals}) if residuals else engine(feeds)
                 noise_pred = out["out_sample"]
             return guide(noise_pred, guidance) if cfg else noise_pred
 
@@ -230,12 +232,14 @@ class StableDiffusionPipeline(BasePipeline):
         The tiny VAE's encoder gives latents, no distribution: diffusers' ``retrieve_latents`` draws nothing."""
         _, encoder, scaling = vae or self._vae_choice("full")
         if encoder == TINY_VAE_ENCODER:
+            tiny = self.engine(encoder)
             with timings("vae_encode"):
-                latents = self.engine(encoder)({"images": pixels})["latents"]
+                latents = tiny({"images": pixels})["latents"]
             check_finite(latents, f"image latents ({encoder})")
             return np.repeat(np.float32(scaling) * latents, batch // len(latents), axis=0)
+        vae_encoder = self.engine(VAE_ENCODER)  # opened outside the stage: its time is ``load``
         with timings("vae_encode"):
-            moments = self.engine(VAE_ENCODER)({"images": pixels})
+            moments = vae_encoder({"images": pixels})
         mean, logvar = moments["mean"], moments["logvar"]
         draw_shape = (batch,) + mean.shape[1:] if isinstance(generator, GeneratorList) else mean.shape
         latents = mean + np.exp(np.float32(0.5) * logvar) * generator.randn(draw_shape)
