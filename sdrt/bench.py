@@ -3,7 +3,9 @@
 Each system runs in its own worker process (``sdrt.bench_worker``: ``python -m sdrt.bench`` for sdrt and
 for the OpenVINO peer — the same pipeline on ``--backend openvino`` —, ``python -m sdrt_export.bench_diffusers``
 for diffusers, ``python -m sdrt_export.bench_peers`` for stable-diffusion.cpp) that loads once and serves
-runs over a pipe, so peak RSS is per system and runs alternate A B C A B C with the same thread count.
+runs over a pipe, so peak RSS is per system and runs alternate A B C A B C with the same thread count
+(``--one-resident``: a fresh process per system and round instead, closed before the next one starts, for
+models two systems cannot hold at once; the loops are in ``sdrt.bench_runs``).
 ``--compare diffusers,openvino,sdcpp`` names the peers; one not installed (or that cannot run this model) is
 skipped with the reason in the report. The UNet's FLOPs are counted once from the artifact's ONNX
 (``sdrt_export.flops``), so every system's UNet figure also reads as GFLOP/s and a share of this CPU's fp32
@@ -18,15 +20,14 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from sdrt import bench_report, machine
-from sdrt.bench_worker import Worker, serve
+from sdrt import bench_report
+from sdrt.bench_worker import serve
 from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import load_manifest
-from sdrt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class BenchConfig:
     compare: tuple = ()  # peers from PEERS
     model: str | None = None  # the diffusers folder of the diffusers and sdcpp peers (default: the export's source)
     sweep: bool = False
+    one_resident: bool = False  # a fresh process per system and round, one system in memory at a time
     backend: str = "ort-cpu"
     points: list = field(default_factory=list)
 
@@ -210,72 +212,6 @@ def unet_work(cfg: BenchConfig, manifest, point: tuple[int, int, int]) -> dict:
             "graph": f"{UNET} ONNX as exported (sha256 {counted['graph_sha256'][:12]})"}
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Measure every system (cold start, warmup, alternating timed runs); return the full report."""
-    points = plan(cfg)
-    manifest = load_manifest(cfg.engines)
-    threads = cfg.threads or len(os.sched_getaffinity(0))
-    systems, skipped = peer_systems(cfg, manifest)
-    cpu = machine.cpu_info(threads)
-    log.info("machine: %s; %s", machine.describe(cpu), machine.peak_line(cpu))
-    workers: dict[str, Worker] = {}
-    cold: dict[str, dict] = {}
-    loaded_info: dict[str, dict] = {}
-    runs = len(systems) * (1 + len(points) * (cfg.warmup + cfg.runs))  # cold starts, warmups, timed runs
-    with progress_bar(total=runs, desc="bench", unit="run") as bar:
-        try:
-            first = _request(cfg, points[0])
-            for name, source in systems:
-                log.info("%s: cold start (fresh process, load, first %dx%d run)", name, *points[0][:2])
-                bar.set_postfix_str(f"{name}: cold start")
-                try:
-                    worker = workers[name] = Worker(name, MODULES[name], threads)
-                    load = worker.ask("load", engines=source, model=source, threads=threads, mode=cfg.mode,
-                                      batch=cfg.batch, backend="openvino" if name == "openvino" else cfg.backend)
-                    loaded = time.perf_counter()
-                    first_run = worker.ask("run", **first)
-                except SdrtError as exc:
-                    if name == "sdrt":
-                        raise
-                    log.warning("--compare %s skipped: %s", name, exc)
-                    skipped[name] = f"failed: {exc}"
-                    workers.pop(name).close()
-                    continue
-                cold[name] = {"process_start_s": worker.process_start, "load_s": load["seconds"],
-                              "first_run_s": time.perf_counter() - loaded,
-                              "total_s": time.perf_counter() - worker.launched,
-                              "first_run_stages": first_run["timings"]}
-                loaded_info[name] = {k: load[k] for k in ("precision", "backend", "notes") if k in load}
-                bar.update(1)
-            results = []
-            for point in points:
-                samples = {name: [] for name in workers}
-                request = _request(cfg, point)
-                for i in range(cfg.warmup + cfg.runs):
-                    for name, worker in workers.items():
-                        phase = f"warmup {i + 1}/{cfg.warmup}" if i < cfg.warmup else \
-                            f"run {i + 1 - cfg.warmup}/{cfg.runs}"
-                        bar.set_postfix_str(f"{name} {point[0]}x{point[1]} batch {point[2]}: {phase}")
-                        log.info("%s %dx%d batch %d: %s", name, *point, phase)
-                        timings = worker.ask("run", **request)["timings"]
-                        bar.update(1)
-                        if i >= cfg.warmup:
-                            samples[name].append(timings)
-                results.append(bench_report.point_summary(point, samples, unet_work(cfg, manifest, point), cpu))
-            infos = {name: w.info for name, w in workers.items()}
-            rss = {name: w.peak_rss for name, w in workers.items()}
-        finally:
-            for worker in workers.values():
-                worker.close()
-    config = asdict(cfg) | {"points": [list(p) for p in points], "compare": list(cfg.compare)}
-    rep = bench_report.report(config, threads, cold, rss, infos, results)
-    rep["machine"]["cpu_info"] = cpu
-    rep["skipped"] = skipped
-    for name, extra in loaded_info.items():
-        rep["systems"][name].update(extra)
-    return rep
-
-
 def _request(cfg: BenchConfig, point: tuple[int, int, int]) -> dict:
     width, height, batch = point
     return {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "steps": cfg.steps,
@@ -297,9 +233,12 @@ def cmd_bench(args) -> dict:
                       scheduler=args.scheduler, guidance=args.guidance, runs=args.runs, warmup=args.warmup,
                       threads=args.threads, mode=args.mode, strength=args.strength, seed=args.seed,
                       compare_diffusers=args.compare_diffusers, sweep=args.sweep, backend=args.backend,
-                      compare=_compare_list(getattr(args, "compare", None)), model=getattr(args, "model", None))
+                      compare=_compare_list(getattr(args, "compare", None)), model=getattr(args, "model", None),
+                      one_resident=getattr(args, "one_resident", False))
     if args.plot and not args.plot.lower().endswith(".png"):
         raise InputError(f"--plot must name a .png file, got {args.plot}")
+    from sdrt.bench_runs import run_bench
+
     report = run_bench(cfg)
     if args.json_out:  # temp file then rename: never half a JSON
         try:

@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="threads for every system (default: usable cores)")
     cli_args.add_backend(g)
     g.add_argument("--sweep", action="store_true", help="resolutions 256/384/512 x batch 1/2/4 (within the artifact)")
+    g.add_argument("--one-resident", action="store_true",
+                   help="a fresh process per system and round, closed before the next starts: never two systems in "
+                        "memory (SDXL fp32: ~14 GB each); every round is then also a cold start")
     g = p.add_argument_group("comparison and output")
     g.add_argument("--compare-diffusers", metavar="MODEL_DIR", default=None,
                    help="also run the diffusers pipeline from this folder, alternating runs (needs torch)")

@@ -162,6 +162,42 @@ def test_bench_compare_runs_the_installed_peers_and_skips_the_others(tiny_engine
     assert report["machine"]["cpu_info"]["peak"]["cores"] == 1  # --threads 1
 
 
+def test_one_resident_never_holds_two_systems(tiny_engine_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """``--one-resident``: a fresh worker per system and round, closed before the next one starts; every
+    round is a cold start and gives one timed run per system."""
+    from sdrt import bench_runs
+
+    alive, events = set(), []
+
+    class Tracked(bench_runs.Worker):
+        def __init__(self, name, *args):
+            assert not alive, f"{name} started while {alive} still ran"
+            super().__init__(name, *args)
+            alive.add(name)
+            events.append(name)
+
+        def close(self):
+            alive.discard(self.name)
+            super().close()
+
+    monkeypatch.setattr(bench_runs, "Worker", Tracked)
+    out = tmp_path / "one.json"
+    args = TINY[:]
+    args[args.index("--runs") + 1], args[args.index("--warmup") + 1] = "2", "1"
+    assert main(["bench", "--engines", str(tiny_engine_dir), *args, "--one-resident",
+                 "--compare", "diffusers", "--model", str(tiny_model_dir), "--json", str(out)]) == 0
+    assert events == ["sdrt", "diffusers", "sdrt", "diffusers"] and not alive
+    report = json.loads(out.read_text())
+    assert report["config"]["one_resident"] is True
+    for name in ("sdrt", "diffusers"):
+        cold = report["systems"][name]["cold_start"]
+        assert len(cold["rounds_total_s"]) == 2 and cold["total_s"] == cold["rounds_total_s"][0]
+        assert report["points"][0]["systems"][name]["end_to_end"]["n"] == 2  # one timed run per round
+    text = _render_module().render_compare([(report, "one.json")], "sdxl", "SDXL-shaped")
+    assert text.startswith("## SDXL-shaped (generated)") and "--section sdxl" in text
+    assert "one system resident at a time" in text and "| sdrt / diffusers |" in text
+
+
 def test_bench_compare_unknown_peer_exits_2(tiny_engine_dir, capsys):
     assert main(["bench", "--engines", str(tiny_engine_dir), "--compare", "diffusers,torchscript"]) == 2
     err = capsys.readouterr().err.strip()
