@@ -317,6 +317,18 @@ def test_kandinsky_txt2img_on_every_endpoint(k22_server):
     np.testing.assert_array_equal(pixels(webui["images"][0]), want[0])
     np.testing.assert_array_equal(pixels(openai["data"][0]["b64_json"]), want[0])
     assert refused.status_code == 400 and "has no ControlNet" in refused.json()["detail"]
+    from sdrt.serve import openai_api
+    from sdrt.serve.app import ServeOptions
+    from sdrt.serve.schemas import OpenAIImagesIn
+
+    plain = openai_api.build(OpenAIImagesIn(prompt=PROMPT, size="64x64"), k22_server.executor.manifest_info,
+                             ServeOptions())
+    assert (plain.steps, plain.guidance) == (100, 4.0)  # the family's, not the SD endpoint default 20 / 7.5
+    from sdrt.serve.extras import family_defaults
+
+    sd_info = {**k22_server.executor.manifest_info, "family": "sd15", "defaults": family_defaults("sd15")}
+    plain = openai_api.build(OpenAIImagesIn(prompt=PROMPT, size="64x64"), sd_info, ServeOptions())
+    assert (plain.steps, plain.guidance) == (20, 7.5)
 
 
 def test_prior_fields_on_a_stable_diffusion_artifact_are_400(client):

@@ -42,10 +42,13 @@ def build(body: OpenAIImagesIn, info: dict, options) -> GenRequest:
             raise ApiError(400, f"size: expected 'WIDTHxHEIGHT' or 'auto', got {body.size!r}")
         width, height = int(match[1]), int(match[2])
     n = body.n or 1
+    defaults = info.get("defaults", {})  # the family's (extras.family_defaults)
     prompt = limits.check_text(body.prompt, "prompt", options.max_prompt_chars)
     req = GenRequest(mode="txt2img", prompt=prompt, **extras.loras(prompt, None, options.lora_dir),
                      **extras.prior(body.prior_steps, body.prior_guidance, info, options),
-                     negative_prompt=body.negative_prompt, steps=body.steps, guidance=float(body.guidance),
+                     negative_prompt=body.negative_prompt,
+                     steps=defaults.get("openai_steps", 20) if body.steps is None else body.steps,
+                     guidance=float(defaults.get("guidance", 7.5) if body.guidance is None else body.guidance),
                      seeds=seeds_for(body.seed, n), width=width, height=height, scheduler=body.scheduler,
                      strength=None, image_png=None, mask_png=None, rng=extras.rng_name(body.rng))
     try:

@@ -60,8 +60,8 @@ class OpenAIImagesIn(BaseModel):
     output_compression: StrictInt | None = None  # PNG: no effect
     # sdrt extras
     negative_prompt: StrictStr = ""
-    steps: StrictInt = 20
-    guidance: Number = 7.5
+    steps: StrictInt | None = None  # None: 20 (Kandinsky 2.2: its family's 100)
+    guidance: Number | None = None  # None: the family's default (7.5; Kandinsky 2.2: 4.0)
     seed: StrictInt | None = None
     scheduler: StrictStr | None = None
     rng: StrictStr | None = None
