@@ -2,32 +2,25 @@
 
 The exporter (and later the engine builder) writes it; the runtime reads nothing but ENGINE_DIR.
 Files are checked against their recorded digest before any engine is used: graphs before a backend parses
-them; weight data files may be hashed while a session maps them (``sdrt.backends.ort``). BLAKE3 (the
-``blake3`` package, multithreaded over a memory map; 3-4x sha256's speed per core, benchmarks/NOTES.md)
-where the record has one, else sha256 (manifests written before BLAKE3 was recorded; records keep sha256
-too).
+them; weight data files may be hashed while a session maps them (``sdrt.backends.ort``). BLAKE3 where the
+record has one, else sha256 (manifests written before BLAKE3 was recorded; records keep sha256 too); the
+digest helpers live in ``sdrt.digests`` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import mmap
 import os
 import shlex
-import sys
 import tempfile
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import blake3 as _blake3
-except ImportError:  # an old install without the dependency: sha256 checks only
-    _blake3 = None
-
+from sdrt.digests import _digest, _file_key, _lower_priority, files_digest
+from sdrt.digests import blake3_file, file_record, sha256_file  # noqa: F401 - re-exported
 from sdrt.errors import ArtifactError
 from sdrt.specs import COMPONENTS, OPTIONAL_COMPONENTS, ModelDims, ModelSpecs, SizeRange, build_specs, \
     control_components
@@ -36,62 +29,6 @@ from sdrt.specs_kandinsky import CONSTANTS_KEY, KANDINSKY_COMPONENTS
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ENGINES_KEY = "engines"  # optional: {backend: {"command": ..., "components": {name: record}}}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def blake3_file(path: str | os.PathLike, threads: int | None = None) -> str:
-    """BLAKE3 of a file, memory-mapped, on ``threads`` threads (default: as many as it likes)."""
-    return _blake3.blake3(max_threads=threads or _blake3.blake3.AUTO).update_mmap(str(path)).hexdigest()
-
-
-def file_record(root: Path, relpath: str) -> dict:
-    """The manifest's entry for one file: path relative to ENGINE_DIR, sha256, BLAKE3 (when the package is
-    installed) and size. Both digests come from one read of the file, each on its own thread."""
-    path = root / relpath
-    record = {"path": relpath, "size": path.stat().st_size}
-    if _blake3 is None or record["size"] == 0:  # (an empty file cannot be memory-mapped)
-        record["sha256"] = sha256_file(path)
-        if _blake3 is not None:
-            record["blake3"] = _blake3.blake3().hexdigest()
-        return record
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        side = threading.Thread(target=lambda: record.update(sha256=hashlib.sha256(view).hexdigest()))
-        side.start()  # hashlib releases the GIL on large buffers, so both digests run at once
-        record["blake3"] = _blake3.blake3(view, max_threads=_blake3.blake3.AUTO).hexdigest()
-        side.join()
-    return record
-
-
-def _file_key(path: Path) -> tuple:
-    stat = path.stat()
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _digest(path: Path, record: dict, threads: int | None = None) -> tuple[bool, tuple]:
-    """(whether ``path`` matches the record's digest, the file's identity when it was read)."""
-    key = _file_key(path)
-    if key[2] != record["size"]:
-        return False, key
-    if _blake3 is not None and isinstance(record.get("blake3"), str):
-        return blake3_file(path, threads) == record["blake3"], key
-    return sha256_file(path) == record["sha256"], key
-
-
-def _lower_priority(niceness: int = 10) -> None:
-    """Make the calling thread yield to the engines' compute threads (Linux: per-thread nice value), so a
-    check running ahead fills a core they leave idle instead of slowing an engine call down."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-        except OSError:
-            pass
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -261,13 +198,6 @@ class Manifest:
         for file in record["files"]:
             self.check_file(file, fix)
         return self.root / record["files"][0]["path"], record
-
-
-def files_digest(files: list[dict]) -> str:
-    """One sha256 for a list of file records (the file's own when there is one)."""
-    if len(files) == 1:
-        return files[0]["sha256"]
-    return hashlib.sha256("".join(f"{r['path']}\0{r['sha256']}\n" for r in files).encode()).hexdigest()
 
 
 _REQUIRED = ("format_version", "family", "dims", "sizes", "components", "scheduler", "tokenizer", "vae")
