@@ -56,13 +56,20 @@ def build(onnx_path: Path, weights: dict[str, torch.Tensor]) -> tuple[dict, list
     for name, loc in locations.items():
         if loc.dtype in ("float32", "float16") and len(loc.shape) >= 2:
             by_hash.setdefault(_digest(loc.read(folder)), []).append(name)
+    # only the layouts and casts some initializer could hold are hashed: an fp32 graph has no fp16 copy to find,
+    # and a weight whose transposed shape no initializer has was not transposed (SDXL's UNet: 10 GB of weights)
+    shapes = {tuple(loc.shape) for loc in locations.values()}
+    dtypes = {loc.dtype for loc in locations.values()}
     found: dict[str, list[tuple[str, bool]]] = {}
     for param, tensor in weights.items():
         array = tensor.float().numpy()
         hits = set()
         for transpose in ((False, True) if array.ndim == 2 else (False,)):
             candidate = array.T if transpose else array
-            for cast in (candidate, _fp16(candidate)):
+            if tuple(candidate.shape) not in shapes:
+                continue
+            casts = ([candidate] if "float32" in dtypes else []) + ([_fp16(candidate)] if "float16" in dtypes else [])
+            for cast in casts:
                 hits.update((init, transpose) for init in by_hash.get(_digest(cast), ())
                             if locations[init].shape == candidate.shape)
         found[param] = sorted(hits)
