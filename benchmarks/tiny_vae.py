@@ -31,7 +31,6 @@ def cpu_info() -> dict:
 def build(work: Path) -> Path:
     from sdrt.specs import SizeRange
     from sdrt_export.archs import TURBO_SCHEDULER
-    from sdrt_export import exporter
     from sdrt_export.exporter import export_model
     from sdrt_export.make_model import make_model
 
@@ -46,8 +45,6 @@ def build(work: Path) -> Path:
     if not (taesd / "config.json").is_file():
         make_model(taesd, arch="taesd", seed=0, force=True)
     start = time.perf_counter()
-    # the random full-size VAE decoder at 512 checks at 2.15e-5 relative L2 against torch (exporter's bound 1e-5)
-    exporter.TOLERANCE = max(exporter.TOLERANCE, 1e-4)
     export_model(model, engines, sizes=SizeRange(512, 512, 512, 1), progress=False, tiny_vae_dir=taesd, force=True)
     print(f"exported in {time.perf_counter() - start:.0f} s")
     return engines

@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 EXPORTER = "legacy"
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; supported by ORT 1.31 and TensorRT >= 8.6
 SUPPORTED_OPSETS = range(14, 21)  # 14: scaled_dot_product_attention; 20: newest the legacy exporter emits
-TOLERANCE = 1e-5  # relative L2 error, ONNX Runtime vs torch, fp32
+# relative L2 error, ONNX Runtime vs torch, fp32: the per-stage bound of `sdrt verify`. Accumulation order alone
+# (MLAS vs oneDNN) gives the full-size SD/SDXL VAE decoder 2.2e-5 at 512² (1e-5 refused it after a 38-min SDXL
+# export); a wrong graph is off by 1e-2 or more
+TOLERANCE = 1e-4
 
 
 # --- one component -----------------------------------------------------------------------------------
