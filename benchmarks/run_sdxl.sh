@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 SDRT=${SDRT:-.venv/bin/sdrt}
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-/tmp/bench}
-RUNS=${RUNS:-3} WARMUP=${WARMUP:-1} STEPS=${STEPS:-4} SIZE=${SIZE:-512}
+RUNS=${RUNS:-3} WARMUP=${WARMUP:-1} STEPS=${STEPS:-2} SIZE=${SIZE:-512}
 MODEL="$WORK/sdxl" ENGINE="$WORK/sdxl-e" JSON=benchmarks/sdxl_${SIZE}.json
 mkdir -p "$WORK"
 

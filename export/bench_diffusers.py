@@ -1,7 +1,8 @@
 """The diffusers side of ``sdrt bench --compare-diffusers``: a worker (``python -m sdrt_export.bench_diffusers``)
 serving timed runs of the matching diffusers pipeline, stages timed by hooks on its modules.
 
-Stages as sdrt names them: ``text_encoder`` (forward hooks; diffusers calls it once per prompt half),
+Stages as sdrt names them: ``text_encoder`` (forward hooks on each text encoder, SDXL's second too; diffusers
+calls each once per prompt half),
 ``tokenize`` (``encode_prompt`` minus the text encoder), ``unet_call`` (forward hooks),
 ``loop_overhead_step`` (step wall time minus UNet time, averaged over steps; a step ends at
 ``callback_on_step_end``, the first starts when ``prepare_extra_step_kwargs`` returns),
@@ -51,7 +52,8 @@ class DiffusersSystem:
         def post(stage, module, args, output):
             t.setdefault(stage, []).append(time.perf_counter() - starts[stage])
 
-        for stage, module in (("text_encoder", pipe.text_encoder), ("unet_call", pipe.unet)):
+        encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]  # SDXL: 2
+        for stage, module in [("text_encoder", m) for m in encoders] + [("unet_call", pipe.unet)]:
             module.register_forward_pre_hook(functools.partial(pre, stage))
             module.register_forward_hook(functools.partial(post, stage))
 
