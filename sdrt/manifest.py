@@ -52,6 +52,8 @@ class Manifest:
     data: dict
     # relpath -> Future of ``_digest``: checks started ahead of use by ``verify_ahead``
     _ahead: dict = field(default_factory=dict, compare=False, repr=False)
+    # set once the txt2img components' check-ahead has started (an engine opened later must not re-hash them)
+    _ahead_started: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def dims(self) -> ModelDims:

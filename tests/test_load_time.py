@@ -247,3 +247,19 @@ def test_checks_started_ahead_are_rechecked_when_the_file_changes(tmp_path):
     manifest.verify_ahead(records[:1])  # a failed background check is an error at check_file too
     with pytest.raises(ArtifactError, match="a does not match"):
         manifest.check_file(records[0])
+
+
+def test_check_ahead_starts_once_per_artifact(engines, monkeypatch):
+    """The txt2img components are checked ahead once: an engine opened later (img2img's VAE encoder) checks
+    only its own files, never re-hashing the open ones in the background."""
+    pipe = Pipeline(engines, threads=1)
+    pipe.txt2img("a cat", **REQUEST)
+    queued, real = [], Manifest.verify_ahead
+
+    def spy(self, records, threads=1):
+        queued.extend(r["path"] for r in records)
+        return real(self, records, threads)
+
+    monkeypatch.setattr(Manifest, "verify_ahead", spy)
+    pipe.engine("vae_encoder")
+    assert queued and all("vae_encoder" in path for path in queued), queued

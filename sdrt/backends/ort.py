@@ -142,7 +142,8 @@ def _open_checked(manifest: Manifest, files: list[dict], fix: str | None, opener
 
 def _open_cpu(manifest: Manifest, component: str, spec: ComponentSpec, threads: int | None) -> "OrtEngine":
     (kind, files), record, refused = _usable_native(manifest, component)
-    if not manifest._ahead:  # the first engine of this artifact: its weights, then the next components' files
+    if not manifest._ahead_started:  # the first engine of this artifact: its weights, then the next components'
+        manifest._ahead_started.append(component)
         ahead = [f for f in (record["files"] if record and refused is None else files) if f["path"].endswith(".data")]
         for name in (n for n in AHEAD if n != component and manifest.has(n)):
             (_, source), native, why = _usable_native(manifest, name)
