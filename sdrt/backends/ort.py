@@ -121,13 +121,18 @@ def _usable_native(manifest: Manifest, component: str) -> tuple[tuple, dict | No
     return source, record, ort_native.problem(record, *source) if record else None
 
 
+def _weight_files(files: list[dict]) -> list[dict]:
+    """The raw weight data files among a graph's files (hashed while its session is created)."""
+    return [f for f in files if f["path"].endswith(".data")]
+
+
 def _open_checked(manifest: Manifest, files: list[dict], fix: str | None, opener):
     """``opener()``'s engine, returned only once every file in ``files`` matched its digest. Graphs (which
     ONNX Runtime parses) are checked before it starts; weight data files (``.data``: raw tensors read at the
     offsets and sizes the checked graph gives, the bulk of the bytes) are hashed on the check thread while
     the session is created, since its weight prepacking is single-threaded and leaves a core free. A
     mismatch drops the session and raises; it outranks any error ONNX Runtime gave meanwhile."""
-    weights = [f for f in files if f["path"].endswith(".data")]
+    weights = _weight_files(files)
     manifest.verify_ahead(weights)  # (already queued ones stay queued)
     for file in files:
         if file not in weights:
@@ -144,7 +149,7 @@ def _open_cpu(manifest: Manifest, component: str, spec: ComponentSpec, threads: 
     (kind, files), record, refused = _usable_native(manifest, component)
     if not manifest._ahead_started:  # the first engine of this artifact: its weights, then the next components'
         manifest._ahead_started.append(component)
-        ahead = [f for f in (record["files"] if record and refused is None else files) if f["path"].endswith(".data")]
+        ahead = _weight_files(record["files"] if record and refused is None else files)
         for name in (n for n in AHEAD if n != component and manifest.has(n)):
             (_, source), native, why = _usable_native(manifest, name)
             ahead += native["files"] if native and why is None else source
