@@ -4,13 +4,14 @@ Six ONNX components (``sdrt/specs_kandinsky.py``): the prior's text encoder, the
 image encoder, the decoder UNet and the MoVQ decoder and encoder. Each is exported like the SD components
 (``exporter.torch_export``, ``graph.clean_up``, fp16 with fp32 islands via ``fp16.convert``) and checked
 against torch with ONNX Runtime at two shapes (relative L2 error <= ``exporter.TOLERANCE``, fp16:
-``fp16.FP16_TOLERANCE`` on the emulated strongly typed graph). The decoder UNet is traced and checked at
-latent sides that are multiples of 8 (pixels: multiples of 64, what ``downscale_height_and_width`` makes):
-its Resnet up-blocks take no upsample size, so other sides are not served. Constants go to
-``constants/*.npy``: ``negative_image_embeds`` (diffusers' ``get_zero_embed``: the image encoder on an
-all-zero image, the decoder's negative when no negative prompt is given; the ONNX image encoder is checked
-on that image too), ``clip_mean`` and ``clip_std`` (``post_process_latents``). Built in a temporary sibling
-and renamed into place, like every export.
+``fp16.FP16_TOLERANCE`` on the emulated strongly typed graph); an fp32 component's check session also
+writes its CPU-native graph (``engines.ort-cpu-native``, ``ort_optimize.check_session``), as SD exports do.
+The decoder UNet is traced and checked at latent sides that are multiples of 8 (pixels: multiples of 64,
+what ``downscale_height_and_width`` makes): its Resnet up-blocks take no upsample size, so other sides are
+not served. Constants go to ``constants/*.npy``: ``negative_image_embeds`` (diffusers' ``get_zero_embed``:
+the image encoder on an all-zero image, the decoder's negative when no negative prompt is given; the ONNX
+image encoder is checked on that image too), ``clip_mean`` and ``clip_std`` (``post_process_latents``).
+Built in a temporary sibling and renamed into place, like every export.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from sdrt.progress import progress_bar
 from sdrt.specs import HEIGHT, LATENT_HEIGHT, ComponentSpec, SizeRange, build_specs
 from sdrt.specs_kandinsky import ATTENTION_MASK, CLIP_MEAN, CLIP_STD, CONSTANTS_KEY, DECODER_UNET, IMAGE_ENCODER, \
     MOVQ_DECODER, NEGATIVE_IMAGE_EMBEDS, PRIOR, PRIOR_SCHEDULER_KEY, TIMESTEP
-from sdrt_export import exporter, fp16, graph
-from sdrt_export.checks import check_points, ort_session, random_inputs, relative_error, run_torch
+from sdrt_export import exporter, fp16, graph, ort_optimize
+from sdrt_export.checks import check_points, random_inputs, relative_error, run_torch
 from sdrt_export.kandinsky_model import COMBINED, Layout, dims_from_layout, find_layout, load_component, \
     load_module
 from sdrt_export.wrappers import read_json
@@ -92,8 +93,8 @@ def export_one(layout: Layout, spec: ComponentSpec, work: Path, sizes: SizeRange
             else:
                 files, extra = graph.clean_up(raw / f"{spec.name}.onnx", work / f"{spec.name}.onnx"), {}
             graph.check_model(work / files[0])
-            session = fp16.emulated_session(work / files[0], raw) if precision == "fp16" \
-                else ort_session(work / files[0])
+            # fp32: the check's session also writes the CPU-native graph, as for SD (ort_optimize.py)
+            session, native = ort_optimize.parity_session(work, spec.name, files, precision, raw)
         finally:
             shutil.rmtree(raw, ignore_errors=True)
         errors = [max(relative_error(g, w) for g, w in zip(session.run(spec.output_names,
@@ -113,7 +114,7 @@ def export_one(layout: Layout, spec: ComponentSpec, work: Path, sizes: SizeRange
     seconds = time.perf_counter() - start
     log.info("%s: exported and checked in %.1f s, relative L2 error %.2e", spec.name, seconds, error)
     return {"files": files, "precision": precision, "seconds": round(seconds, 2), "check_error": error,
-            "check_shapes": [list(p) for p in points], "extra": extra}
+            "check_shapes": [list(p) for p in points], "extra": extra, "native": native}
 
 
 def _save_constant(work: Path, name: str, array: np.ndarray) -> dict:
@@ -226,6 +227,7 @@ def export_kandinsky(model, out, prior=None, sizes: SizeRange | None = None, ops
                         "source_hash": round(time.perf_counter() - hashed, 2),
                         "total": round(time.perf_counter() - start, 2)},
         }
+        manifest.update(ort_optimize.engines_section(work, components, manifest["components"]))
         write_json_atomic(work / MANIFEST_NAME, manifest)
         exporter._set_modes(work)
         loaded = load_manifest(work)  # self-check: the runtime must accept what we wrote

@@ -27,7 +27,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from sdrt.backends import ort_native
-from sdrt.manifest import Manifest, file_record
+from sdrt.manifest import ENGINES_KEY, Manifest, file_record, files_digest
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,26 @@ def check_session(work: Path, name: str, files: list[str]) -> tuple[ort.Inferenc
     temp.rmdir()
     return session, {**ort_native.settings(), "source": "onnx", "seconds": round(time.perf_counter() - start, 2),
                      "files": [f"{ort_native.NATIVE}/{f}" for f in names]}
+
+
+def parity_session(work: Path, name: str, files: list[str], precision: str, scratch: Path) -> tuple:
+    """(session, native record or None) for an export's parity check of ``work/files[0]``: fp16 on the
+    emulated strongly typed graph (ORT CPU would hide fp16 overflow; no native graph), fp32 ``check_session``."""
+    if precision == "fp16":
+        from sdrt_export import fp16
+
+        return fp16.emulated_session(work / files[0], scratch), None
+    return check_session(work, name, files)
+
+
+def engines_section(work: Path, results: dict, components: dict) -> dict:
+    """``{"engines": {"ort-cpu-native": ...}}`` for the export ``results`` (component -> its ``native``
+    record or None) that wrote a native graph, ``{}`` when none did; ``components``: the manifest's."""
+    natives = {n: r["native"] for n, r in results.items() if r.get("native")}
+    if not natives:
+        return {}
+    digests = {n: files_digest(components[n]["files"]) for n in natives}
+    return {ENGINES_KEY: {ort_native.NATIVE: native_section(work, natives, digests)}}
 
 
 def native_section(work: Path, records: dict, digests: dict) -> dict:

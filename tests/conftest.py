@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -15,6 +17,24 @@ def cupy():
     except Exception:  # not installed, or no driver / device
         pytest.skip("needs cupy and an NVIDIA GPU; none here")
     return cupy
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """(file name relative to its ENGINE_DIR, graph optimization level) of every ONNX Runtime session created."""
+    import onnxruntime
+
+    calls, real = [], onnxruntime.InferenceSession
+
+    class Spy(real):
+        def __init__(self, path, options=None, *args, **kwargs):
+            level = options.graph_optimization_level if options is not None else None
+            calls.append((Path(str(path)).parent.name + "/" + Path(str(path)).name, level))
+            super().__init__(path, options, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Spy)
+    monkeypatch.delenv("SDRT_ORT_CACHE", raising=False)
+    return calls
 
 
 @pytest.fixture(scope="session")

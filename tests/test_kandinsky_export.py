@@ -1,6 +1,7 @@
 """Kandinsky 2.2 build side: ``make-model --arch *kandinsky22*``, ``export`` of both layouts, every component
 against diffusers / transformers in torch, the negative image embedding against diffusers' ``get_zero_embed``,
-``info``, ``build-engines`` (ort-cpu, TensorRT-RTX) and bad folders (one-line errors, exit 2, nothing written)."""
+CPU-native graphs (recorded, opened, same output; stale ones: tests/test_load_time.py), ``info``,
+``build-engines`` (ort-cpu, TensorRT-RTX) and bad folders (one-line errors, exit 2, nothing written)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from sdrt.cli import main
 from sdrt.errors import ArtifactError
-from sdrt.manifest import load_manifest
+from sdrt.manifest import files_digest, load_manifest
 from sdrt.specs_kandinsky import CLIP_MEAN, CLIP_STD, CONSTANTS, DECODER_UNET, FAMILY, IMAGE_ENCODER, \
     KANDINSKY_COMPONENTS, MOVQ_DECODER, MOVQ_ENCODER, NEGATIVE_IMAGE_EMBEDS, PRIOR, PRIOR_TEXT_ENCODER
 
@@ -162,6 +163,48 @@ def test_components_match_torch(k22_engines, k22_model):
         _close(_ort(manifest, MOVQ_ENCODER, {"images": images.numpy()})[0], movq.encode(images).latents)
 
 
+def test_native_graphs_recorded_opened_and_equal(k22_engines, tmp_path, opened):
+    """fp32 export: each component's CPU-native graph recorded as SD's are; ort-cpu opens it without graph
+    optimization and it computes what the exported ONNX does (components within 1e-5 relative L2, images 1e-5)."""
+    import onnxruntime
+
+    from sdrt.backends import open_engine
+    from sdrt.backends.ort_native import NATIVE, cpu_identity
+    from sdrt.pipeline import Pipeline
+    from sdrt_export.checks import relative_error
+    from sdrt_export.kandinsky import make_inputs
+
+    manifest = load_manifest(k22_engines)
+    records = manifest.engines(NATIVE)["components"]
+    assert sorted(records) == sorted(KANDINSKY_COMPONENTS)
+    disabled = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    rng = np.random.default_rng(3)
+    for name, record in records.items():
+        assert record["version"] == onnxruntime.__version__ and record["cpu"] == cpu_identity()
+        assert record["source"] == "onnx" and record["source_sha256"] == manifest.onnx_digest(name)
+        assert [f["path"] for f in record["files"]] == [f"{NATIVE}/{name}.onnx", f"{NATIVE}/{name}.onnx.data"]
+        opened.clear()
+        engine = open_engine(manifest, name, threads=1)
+        assert opened == [(f"{NATIVE}/{name}.onnx", disabled)]
+        spec = manifest.specs[name]
+        feeds = dict(zip(spec.input_names, make_inputs(spec, (2, 64, 128), rng)))
+        want = _ort(manifest, name, feeds)
+        for got, ref in zip((engine(feeds)[n] for n in spec.output_names), want):
+            assert relative_error(got, ref) <= 1e-5, name
+    request = dict(steps=2, prior_steps=2, width=64, height=64, seed=5)
+    opened.clear()
+    native = Pipeline(k22_engines, threads=1).txt2img("a cat", **request).unit_images
+    assert {path for path, _ in opened} == {f"{NATIVE}/{n}.onnx" for n in (PRIOR_TEXT_ENCODER, PRIOR, DECODER_UNET,
+                                                                           MOVQ_DECODER)}
+    plain = tmp_path / "plain"
+    shutil.copytree(k22_engines, plain)
+    data = json.loads((plain / "manifest.json").read_text())
+    del data["engines"][NATIVE]
+    (plain / "manifest.json").write_text(json.dumps(data))
+    np.testing.assert_allclose(native, Pipeline(plain, threads=1).txt2img("a cat", **request).unit_images,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_constants_equal_diffusers(k22_engines, k22_model):
     from diffusers import KandinskyV22PriorPipeline
 
@@ -222,6 +265,9 @@ def test_build_engines_ort_cpu(k22_engines, k22_model, tmp_path, capsys):
     assert set(manifest.engines("ort-cpu")["components"]) == set(KANDINSKY_COMPONENTS)
     for name in KANDINSKY_COMPONENTS:
         manifest.verified_engine("ort-cpu", name)
+        native = manifest.engines("ort-cpu-native")["components"][name]  # rewritten from the ort-cpu graph
+        assert native["source"] == "ort-cpu" and native["source_sha256"] == files_digest(
+            manifest.engines("ort-cpu")["components"][name]["files"])
     code, out_text, _ = run(capsys, "build-engines", "--model", k22_model, "--out", out, "--backend", "ort-cpu",
                             "--json")
     summary = json.loads(out_text)  # a second run: nothing exported or built, every component cached

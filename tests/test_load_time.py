@@ -26,22 +26,7 @@ from sdrt.pipeline import Pipeline
 
 REQUEST = dict(steps=2, width=64, height=64, seed=5)
 USED = ("text_encoder", "unet", "vae_decoder")
-
-
-@pytest.fixture
-def opened(monkeypatch):
-    """(file name relative to its ENGINE_DIR, graph optimization level) of every session created."""
-    calls, real = [], onnxruntime.InferenceSession
-
-    class Spy(real):
-        def __init__(self, path, options=None, *args, **kwargs):
-            level = options.graph_optimization_level if options is not None else None
-            calls.append((Path(str(path)).parent.name + "/" + Path(str(path)).name, level))
-            super().__init__(path, options, *args, **kwargs)
-
-    monkeypatch.setattr(onnxruntime, "InferenceSession", Spy)
-    monkeypatch.delenv("SDRT_ORT_CACHE", raising=False)
-    return calls
+FAMILIES = {"sd": REQUEST, "kandinsky22": dict(REQUEST, prior_steps=2)}  # family -> its txt2img request
 
 
 @pytest.fixture
@@ -49,12 +34,34 @@ def engines(tiny_engine_dir, tmp_path):
     return Path(shutil.copytree(tiny_engine_dir, tmp_path / "engines"))
 
 
+@pytest.fixture(params=list(FAMILIES))
+def family_engines(request, tmp_path) -> tuple[str, Path, Path]:
+    """(family, its tiny ENGINE_DIR, a copy of it): SD's tiny_engine_dir, Kandinsky 2.2's from kandinsky_exports."""
+    source = request.getfixturevalue("tiny_engine_dir") if request.param == "sd" else \
+        request.getfixturevalue("kandinsky_exports")("tiny-kandinsky22")[1]
+    return request.param, source, Path(shutil.copytree(source, tmp_path / "engines"))
+
+
 @pytest.fixture(scope="module")
-def plain_images(tiny_engine_dir, tmp_path_factory):
-    """The request's image from the exported ONNX (the artifact without its native graphs)."""
-    copy = Path(shutil.copytree(tiny_engine_dir, tmp_path_factory.mktemp("plain") / "engines"))
-    edit(copy, lambda d: d["engines"].pop(NATIVE))
-    return Pipeline(copy, threads=1).txt2img("a cat", **REQUEST).unit_images
+def plain(tmp_path_factory):
+    """(ENGINE_DIR, family) -> the family's request's image from the exported ONNX (the artifact without its
+    native graphs), computed once each."""
+    images = {}
+
+    def get(root: Path, family: str = "sd") -> np.ndarray:
+        if root not in images:
+            copy = Path(shutil.copytree(root, tmp_path_factory.mktemp("plain") / "engines"))
+            edit(copy, lambda d: d["engines"].pop(NATIVE))
+            images[root] = Pipeline(copy, threads=1).txt2img("a cat", **FAMILIES[family]).unit_images
+        return images[root]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def plain_images(plain, tiny_engine_dir):
+    """The request's image from the tiny SD model's exported ONNX."""
+    return plain(tiny_engine_dir)
 
 
 def edit(root: Path, change) -> None:
@@ -95,7 +102,12 @@ def test_runtime_opens_native_graphs_without_optimization(tiny_engine_dir, opene
 
 
 @pytest.mark.parametrize("stale", ["version", "cpu model", "cpu flags", "source"])
-def test_stale_native_graph_refused_and_rebuilt(engines, opened, plain_images, caplog, stale):
+def test_stale_native_graph_refused_and_rebuilt(family_engines, opened, plain, caplog, stale):
+    """SD and Kandinsky 2.2 (whose decoder UNet is ``unet`` too): refused, the portable graph run, rewritten."""
+    family, source, engines = family_engines
+    plain_images = plain(source, family)
+    opened.clear()  # (the sessions of that plain run, when it ran just now)
+
     def change(data):
         record = data["engines"][NATIVE]["components"]["unet"]
         if stale == "version":
@@ -109,7 +121,7 @@ def test_stale_native_graph_refused_and_rebuilt(engines, opened, plain_images, c
 
     edit(engines, change)
     with caplog.at_level(logging.WARNING, logger="sdrt"):
-        result = Pipeline(engines, threads=1).txt2img("a cat", **REQUEST)
+        result = Pipeline(engines, threads=1).txt2img("a cat", **FAMILIES[family])
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(refused) == 1 and refused[0].startswith("unet:"), refused
     reason = {"version": "onnxruntime 1.0.0", "cpu model": "Some Other CPU", "cpu flags": "lacks avx10_2",
@@ -123,7 +135,7 @@ def test_stale_native_graph_refused_and_rebuilt(engines, opened, plain_images, c
     assert record["version"] == onnxruntime.__version__ and record["cpu"] == cpu_identity()
     assert ort_native.problem(record, *ort_native.source_of(load_manifest(engines), "unet")) is None
     opened.clear()
-    Pipeline(engines, threads=1).txt2img("a cat", **REQUEST)
+    Pipeline(engines, threads=1).txt2img("a cat", **FAMILIES[family])
     assert (f"{NATIVE}/unet.onnx", onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL) in opened
 
 

@@ -111,7 +111,8 @@ def open_ort(manifest: Manifest, component: str, backend: str = "ort-cpu", threa
 
 
 # what a txt2img opens, in order: its files are checked ahead, each while the one before is being opened
-AHEAD = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+# (SD: text encoders, UNet, VAE decoder; Kandinsky 2.2: prior text encoder, prior, decoder UNet, MoVQ decoder)
+AHEAD = ("prior_text_encoder", "prior", "text_encoder", "text_encoder_2", "unet", "vae_decoder", "movq_decoder")
 
 
 def _usable_native(manifest: Manifest, component: str) -> tuple[tuple, dict | None, str | None]:
