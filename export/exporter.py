@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -23,16 +22,16 @@ import numpy as np
 import torch
 
 import sdrt
+from sdrt.backends import ort_native
 from sdrt.errors import ExportError, InputError, ModelError, OutputExistsError, SdrtError
-from sdrt.backends.ort_native import NATIVE
-from sdrt.manifest import ENGINES_KEY, FORMAT_VERSION, MANIFEST_NAME, file_record, files_digest, load_manifest, \
-    write_json_atomic
+from sdrt.manifest import MANIFEST_NAME, file_record, load_manifest, write_json_atomic
 from sdrt.progress import progress_bar
 from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build_specs
-from sdrt_export import controlnet, fp16, graph, ort_optimize, tiny_vae, weight_map
+from sdrt_export import artifact, controlnet, fp16, graph, ort_optimize, resume as resumable, tiny_vae, weight_map
 from sdrt_export import lora as lora_export
 from sdrt_export.checks import check_points, random_inputs, relative_error, run_torch, trace_point
-from sdrt_export.folders import copy_tokenizer, hash_folder, make_temp_dir, move_into_place, validate_model_dir
+from sdrt_export.folders import copy_tokenizer, hash_folder, make_parents, make_temp_dir, move_into_place, \
+    validate_model_dir  # noqa: F401 - hash_folder and validate_model_dir are imported from here
 from sdrt_export.wrappers import dims_from_model, load_component, read_json, \
     unet_up_factor
 
@@ -91,11 +90,8 @@ def export_component(model_dir: Path, spec: ComponentSpec, work: Path, sizes: Si
             else:
                 files = graph.clean_up(raw_dir / f"{spec.name}.onnx", work / f"{spec.name}.onnx")
             graph.check_model(work / files[0])
-            # fp16: ORT CPU would hide fp16 overflow; check the emulated strongly typed graph instead
-            native = None  # fp32: the check's session also writes the CPU-native graph (ort_optimize.py)
-            session = fp16.emulated_session(work / files[0], raw_dir) if precision == "fp16" \
-                else ort_optimize.check_session(work, spec.name, files)
-            session, native = session if isinstance(session, tuple) else (session, None)
+            # fp32: the check's session also writes the CPU-native graph (ort_optimize.py)
+            session, native = ort_optimize.parity_session(work, spec.name, files, precision, raw_dir)
         finally:
             shutil.rmtree(raw_dir, ignore_errors=True)
         errors = []
@@ -128,31 +124,20 @@ def component_precision(name: str, precision: str, force_upcast: bool) -> str:
     return precision
 
 
-def _check_scheduler(config: dict) -> None:
-    """Say at export, not at the first generation, when sdrt cannot run the model's own scheduler config
-    (an unimplemented key, an unknown class); generating with ``--scheduler NAME`` still works then."""
-    from sdrt import schedulers
-
-    try:
-        schedulers.from_config(config)
-    except SdrtError as exc:
-        log.warning("the model's scheduler_config.json will be refused at run time (%s); generate with "
-                    "--scheduler NAME, e.g. 'Euler a' or 'DPM++ 2M Karras'", exc)
-
-
 def export_model(model, out, sizes: SizeRange | None = None, opset: int | None = None, force: bool = False,
                  progress: bool = True, precision: str = "fp32", tiny_vae_dir=None, controlnet_dirs=(),
-                 loras=None, prior=None) -> dict:
+                 loras=None, prior=None, resume: bool = False) -> dict:
     """Export a diffusers SD pipeline folder to ENGINE_DIR ``out`` in ``precision`` (fp32, or fp16
     with fp32 islands), with the AutoencoderTiny in ``tiny_vae_dir`` too if given, and each ControlNet folder in
     ``controlnet_dirs`` (``controlnet.py``), with ``loras`` (``["FILE[:WEIGHT]" or (path, weight)]``, ``lora.py``)
-    merged; return a JSON-able summary."""
+    merged; return a JSON-able summary. ``resume``: stage in ``.OUT.partial`` and keep the checked components
+    there on a failure, reusing them on the next ``resume`` run with the same inputs (``resume.py``)."""
     start = time.perf_counter()
     from sdrt_export.kandinsky_model import find_layout  # Kandinsky 2.2: prior + decoder, its own exporter
 
     if prior is not None or find_layout(model) is not None:
-        if tiny_vae_dir is not None or controlnet_dirs:
-            raise InputError("--tiny-vae and --controlnet are for Stable Diffusion models, not Kandinsky 2.2")
+        if tiny_vae_dir is not None or controlnet_dirs or resume:
+            raise InputError("--tiny-vae, --controlnet and --resume are for Stable Diffusion models, not Kandinsky 2.2")
         from sdrt_export.kandinsky import export_kandinsky
 
         return export_kandinsky(model, out, prior=prior, sizes=sizes, opset=opset, force=force, progress=progress,
@@ -173,11 +158,10 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
     if controls:  # one controlnet_<k> per folder, and unet_control (the UNet taking their residuals)
         dims = controlnet.with_controlnets(dims, model_dir, len(controls))
     # everything the manifest needs from the model folder is read now, not after minutes of export
-    scheduler = read_json(model_dir / "scheduler" / "scheduler_config.json")
-    _check_scheduler(scheduler)
-    vae_config = read_json(model_dir / "vae" / "config.json")
-    force_upcast = dims.has_text_encoder_2 and bool(vae_config.get("force_upcast", True))
-    index = read_json(model_dir / "model_index.json")
+    read = {"scheduler": read_json(model_dir / "scheduler" / "scheduler_config.json"),
+            "vae": read_json(model_dir / "vae" / "config.json"), "index": read_json(model_dir / "model_index.json")}
+    artifact.check_scheduler(read["scheduler"])
+    force_upcast = dims.has_text_encoder_2 and bool(read["vae"].get("force_upcast", True))
     tokenizer_dir = model_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file() and not all(
             (tokenizer_dir / name).is_file() for name in ("vocab.json", "merges.txt")):
@@ -189,89 +173,64 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder; remove it first")
 
-    _quiet_hub_progress()
+    artifact.quiet_hub_progress()
     lora_deltas, lora_records = lora_export.plan(model_dir, dims, loras)  # LoRA errors before minutes of export
-    work, created = None, []
+    staged = resumable.Partial(out, resumable.plan_key(
+        model=resumable.folder_listing(model_dir), tiny=resumable.folder_listing(tiny and tiny[0]),
+        controls=[resumable.folder_listing(c[0]) for c in controls], loras=lora_records, sizes=sizes.to_dict(),
+        opset=opset, precision=precision, sdrt=sdrt.__version__, versions=artifact.versions(),
+        ort=ort_native.settings())) if resume else None
+    if not resume and resumable.partial_dir(out).is_dir():
+        log.warning("%s holds a partial export; pass --resume to continue it", resumable.partial_dir(out))
+    work, created, resumed = None, [], []
     try:
-        work = make_temp_dir(out, created)
+        if staged:
+            make_parents(out, created)
+            work = staged.open()
+        else:
+            work = make_temp_dir(out, created)
         components, timings = {}, {}
         with progress_bar(list(specs), desc="export", unit="component", enabled=progress) as bar:
             for spec in bar:
                 bar.set_postfix_str(spec.name)
-                load = partial(tiny_vae.load_tiny_component, tiny[0]) \
-                    if spec.name in tiny_vae.TINY_VAE_COMPONENTS else None
-                if controlnet.is_control_component(spec.name):
-                    load = partial(controlnet.load_control_component, model_dir, controls, dims)
-                load = lora_export.merged_loader(load, model_dir, lora_deltas, spec.name)
-                result = export_component(model_dir, spec, work, sizes, opset,
-                                          component_precision(spec.name, precision, force_upcast), load)
-                mapped = weight_map.write(work, spec.name, result["files"], load or partial(load_component, model_dir))
-                if mapped:  # torch parameter -> ONNX initializer, for run-time LoRA and TensorRT refit
-                    result["extra"] = {**result["extra"], "weight_map": mapped}
-                    result["files"] = [*result["files"], mapped["path"]]  # hashed with the component's files
+                result = staged and staged.reuse(spec.name)
+                if result:
+                    resumed.append(spec.name)
+                else:
+                    result = _export_one(model_dir, spec, work, sizes, opset, component_precision(
+                        spec.name, precision, force_upcast), tiny, controls, dims, lora_deltas)
+                    if staged:
+                        staged.record(spec.name, result)
                 components[spec.name] = result
                 timings[spec.name] = result["seconds"]
-        tokenizer_files = copy_tokenizer(model_dir, work)
-        second = {"tokenizer_2": {"dir": "tokenizer_2", "files": copy_tokenizer(model_dir, work, "tokenizer_2")}} \
-            if dims.has_text_encoder_2 else {}
-        hashed = time.perf_counter()
-        source_sha = hash_folder(model_dir)
-        tiny_section = {"tiny_vae": tiny_vae.manifest_section(*tiny, hash_folder(tiny[0]))} if tiny else {}
-        if controls:
-            tiny_section["controlnets"] = controlnet.manifest_section(controls, hash_folder)
-        timings["source_hash"] = round(time.perf_counter() - hashed, 2)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "sdrt_version": sdrt.__version__,
-            "family": dims.family,
-            "source": {"path": str(model_dir.absolute()), "sha256": source_sha},
-            "dims": dims.to_dict(),
-            "sizes": sizes.to_dict(),
-            "precision": precision,
-            "opset": opset,
-            "exporter": EXPORTER,
-            "versions": _versions(),
-            "components": {
-                spec.name: {
-                    "files": [file_record(work, name) for name in components[spec.name]["files"]],
-                    "format": "onnx",
-                    "precision": components[spec.name]["precision"],
-                    **components[spec.name]["extra"],
-                    "inputs": spec.input_names,
-                    "outputs": spec.output_names,
-                    "profile": spec.profile(sizes),
-                    "check_error": components[spec.name]["check_error"],
-                }
-                for spec in specs
-            },
-            "scheduler": scheduler,
-            "tokenizer": {"dir": "tokenizer", "files": tokenizer_files},
-            **second,
-            "pipeline": {"class_name": index.get("_class_name"), "force_zeros_for_empty_prompt":
-                         dims.has_text_encoder_2 and bool(index.get("force_zeros_for_empty_prompt", True))},
-            # force_upcast: the SDXL pipelines run this VAE in fp32 (it overflows in fp16)
-            "vae": {"scaling_factor": float(vae_config.get("scaling_factor") or 0.18215),
-                    "shift_factor": vae_config.get("shift_factor"),
-                    "force_upcast": force_upcast},
-            **tiny_section,
-            "loras": lora_records,  # merged at export: name, path, sha256, weight
-            "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
-        }
-        natives = {n: c["native"] for n, c in components.items() if c.get("native")}
-        if natives:  # CPU-native graphs of the fp32 components, for a fast ort-cpu load (ort_native.py)
-            manifest[ENGINES_KEY] = {NATIVE: ort_optimize.native_section(work, natives, {
-                n: files_digest(manifest["components"][n]["files"]) for n in natives})}
+        tokenizers = {"tokenizer": {"dir": "tokenizer", "files": copy_tokenizer(model_dir, work)}}
+        if dims.has_text_encoder_2:
+            tokenizers["tokenizer_2"] = {"dir": "tokenizer_2", "files": copy_tokenizer(model_dir, work, "tokenizer_2")}
+        manifest = artifact.sd_manifest(
+            work, specs, components, staged.file_record if staged else file_record, model_dir=model_dir, dims=dims,
+            sizes=sizes, precision=precision, opset=opset, exporter=EXPORTER, read=read, force_upcast=force_upcast,
+            tokenizers=tokenizers, tiny=tiny, controls=controls, lora_records=lora_records, timings=timings,
+            start=start)
         write_json_atomic(work / MANIFEST_NAME, manifest)
-        _set_modes(work)
+        artifact.set_modes(work)
         loaded = load_manifest(work)  # self-check: the runtime must accept what we wrote
         for spec in specs:
             loaded.verified_path(spec.name)
+        if staged:
+            staged.finish()
         move_into_place(work, out)
         work = None
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        raise ExportError(f"cannot write {out}: {exc.strerror or exc}{where}") from None
+        error = ExportError(f"cannot write {out}: {exc.strerror or exc}{where}")
+        work = _keep(staged, work, error)
+        raise error from None
+    except BaseException as exc:
+        work = _keep(staged, work, exc)
+        raise
     finally:
+        if staged:
+            staged.close()
         if work is not None or created and not out.exists():
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -293,33 +252,32 @@ def export_model(model, out, sizes: SizeRange | None = None, opset: int | None =
                    "files": {rec["path"]: rec["size"] for rec in manifest["components"][name]["files"]}}
             for name, r in components.items()
         },
+        "resumed": resumed,
         "total_seconds": total,
         "message": f"exported {model_dir} to {out} in {total:.1f} s",
     }
     return summary  # the CLI prints the message; logging it too would show it twice
 
 
-def _set_modes(root: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600; give the artifact the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+def _export_one(model_dir: Path, spec: ComponentSpec, work: Path, sizes: SizeRange, opset: int, precision: str,
+                tiny, controls, dims, lora_deltas) -> dict:
+    """One component of ``export_model``: its loader (tiny VAE, ControlNet, merged LoRAs), export and check,
+    then its weight map (torch parameter -> ONNX initializer, for run-time LoRA and TensorRT refit)."""
+    load = partial(tiny_vae.load_tiny_component, tiny[0]) if spec.name in tiny_vae.TINY_VAE_COMPONENTS else None
+    if controlnet.is_control_component(spec.name):
+        load = partial(controlnet.load_control_component, model_dir, controls, dims)
+    load = lora_export.merged_loader(load, model_dir, lora_deltas, spec.name)
+    result = export_component(model_dir, spec, work, sizes, opset, precision, load)
+    mapped = weight_map.write(work, spec.name, result["files"], load or partial(load_component, model_dir))
+    if mapped:
+        result["extra"] = {**result["extra"], "weight_map": mapped}
+        result["files"] = [*result["files"], mapped["path"]]  # hashed with the component's files
+    return result
 
 
-def _quiet_hub_progress() -> None:
-    """Our own tqdm bar is the progress display; silence the 'Loading weights' bars."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
-def _versions() -> dict:
-    import diffusers
-    import onnx
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "onnx": onnx.__version__}
+def _keep(staged, work, exc: BaseException):
+    """On a failure of a ``--resume`` export, keep its checked components (the folder is then not removed)."""
+    if staged is not None and work is not None:
+        staged.keep(exc)
+        return None
+    return work

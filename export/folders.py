@@ -84,6 +84,12 @@ def copy_tokenizer(model_dir: Path, work: Path, name: str = "tokenizer") -> list
 def make_temp_dir(out: Path, created: list[Path]) -> Path:
     """The temp sibling of ``out``, creating missing parents (appended to ``created``, innermost first,
     so a failure can remove them)."""
+    make_parents(out, created)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def make_parents(out: Path, created: list[Path]) -> None:
+    """Create ``out``'s missing parents, appending each to ``created`` (innermost first)."""
     missing = []
     parent = out.parent
     while not parent.exists():
@@ -92,7 +98,6 @@ def make_temp_dir(out: Path, created: list[Path]) -> Path:
     for folder in reversed(missing):
         folder.mkdir()
         created.insert(0, folder)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
 def move_into_place(work: Path, out: Path) -> None:

@@ -32,7 +32,7 @@ from sdrt.progress import progress_bar
 from sdrt.specs import HEIGHT, LATENT_HEIGHT, ComponentSpec, SizeRange, build_specs
 from sdrt.specs_kandinsky import ATTENTION_MASK, CLIP_MEAN, CLIP_STD, CONSTANTS_KEY, DECODER_UNET, IMAGE_ENCODER, \
     MOVQ_DECODER, NEGATIVE_IMAGE_EMBEDS, PRIOR, PRIOR_SCHEDULER_KEY, TIMESTEP
-from sdrt_export import exporter, fp16, graph, ort_optimize
+from sdrt_export import artifact, exporter, fp16, graph, ort_optimize
 from sdrt_export.checks import check_points, random_inputs, relative_error, run_torch
 from sdrt_export.kandinsky_model import COMBINED, Layout, dims_from_layout, find_layout, load_component, \
     load_module
@@ -151,7 +151,7 @@ def export_kandinsky(model, out, prior=None, sizes: SizeRange | None = None, ops
     dims = dims_from_layout(layout)
     specs = build_specs(dims)
     scheduler = read_json(layout.decoder / "scheduler" / "scheduler_config.json")
-    exporter._check_scheduler(scheduler)
+    artifact.check_scheduler(scheduler)
     prior_scheduler = read_json(layout.prior / "scheduler" / "scheduler_config.json")
     tokenizer_dir = layout.prior / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file() and not all(
@@ -163,7 +163,7 @@ def export_kandinsky(model, out, prior=None, sizes: SizeRange | None = None, ops
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder; remove it first")
 
-    exporter._quiet_hub_progress()
+    artifact.quiet_hub_progress()
     work, created = None, []
     try:
         work = exporter.make_temp_dir(out, created)
@@ -204,7 +204,7 @@ def export_kandinsky(model, out, prior=None, sizes: SizeRange | None = None, ops
             "precision": precision,
             "opset": opset,
             "exporter": exporter.EXPORTER,
-            "versions": exporter._versions(),
+            "versions": artifact.versions(),
             "components": {
                 spec.name: {"files": [file_record(work, f) for f in components[spec.name]["files"]], "format": "onnx",
                             "precision": components[spec.name]["precision"], **components[spec.name]["extra"],
@@ -229,7 +229,7 @@ def export_kandinsky(model, out, prior=None, sizes: SizeRange | None = None, ops
         }
         manifest.update(ort_optimize.engines_section(work, components, manifest["components"]))
         write_json_atomic(work / MANIFEST_NAME, manifest)
-        exporter._set_modes(work)
+        artifact.set_modes(work)
         loaded = load_manifest(work)  # self-check: the runtime must accept what we wrote
         for spec in specs:
             loaded.verified_path(spec.name)

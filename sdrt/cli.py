@@ -51,7 +51,7 @@ def cmd_export(args) -> dict:
         args.model, args.out, sizes=_sizes(args), opset=args.opset, force=args.force, progress=not args.json,
         **({"prior": args.prior} if getattr(args, "prior", None) else {}),  # Kandinsky 2.2: the prior folder
         precision=args.precision, tiny_vae_dir=args.tiny_vae, controlnet_dirs=args.controlnet or (),
-        loras=args.lora,
+        loras=args.lora, resume=args.resume,
     )
 
 
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(not needed for a folder holding prior/ and decoder/, as make-model writes)")
     g.add_argument("--out", metavar="ENGINE_DIR", required=True, help="folder to create")
     g.add_argument("--force", action="store_true", help="replace an existing ENGINE_DIR")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the components already checked when the export fails or is interrupted (in "
+                        ".ENGINE_DIR.partial beside it), and reuse them when run again with the same inputs")
     g.add_argument("--json", action="store_true", help="print a JSON summary (and no progress bar)")
     cli_args.add_size_range(p.add_argument_group("size range (what the artifact serves)"))
     g = p.add_argument_group("export")

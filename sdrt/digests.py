@@ -63,6 +63,11 @@ def _digest(path: Path, record: dict, threads: int | None = None) -> tuple[bool,
     return sha256_file(path) == record["sha256"], key
 
 
+def file_matches(path: Path, record: dict) -> bool:
+    """Whether ``path`` has the size and digest (BLAKE3 where recorded and installed, else sha256) of ``record``."""
+    return _digest(Path(path), record)[0]
+
+
 def files_digest(files: list[dict]) -> str:
     """One sha256 for a list of file records (the file's own when there is one)."""
     if len(files) == 1:

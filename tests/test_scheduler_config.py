@@ -258,7 +258,7 @@ def test_class_defaults_follow_diffusers(class_name):
 def test_export_warns_about_a_model_config_it_cannot_run(caplog):
     """The exporter says so at export time (a WARNING, shown by default) when the model's own config would be
     refused at run time; a config sdrt runs passes silently."""
-    from sdrt_export.exporter import _check_scheduler
+    from sdrt_export.artifact import check_scheduler as _check_scheduler
 
     config = {"_class_name": "EulerDiscreteScheduler", "prediction_type": "flow_prediction"}
     with caplog.at_level("WARNING", logger="sdrt_export.exporter"):
