@@ -4,7 +4,8 @@ capi/_init.py (frozen into the library by cffi's embedding mode) calls ``start``
 each ``sdrt__py_*`` entry point here. Every function returns 1 + an ``sdrt_status`` and stores its
 one-line message with ``lib.sdrt__set_error``; no exception leaves this module. The argument rules
 are the CLI's (sdrt.cli, sdrt.generate_cli): the same ``SdrtError`` subclasses become statuses.
-Nothing imports cffi here: ``ffi``/``lib`` come from the library.
+Nothing imports cffi here: ``ffi``/``lib`` come from the library. The request structs' fields are
+read by sdrt.capi_params.
 """
 
 from __future__ import annotations
@@ -12,23 +13,22 @@ from __future__ import annotations
 import gc
 import io
 import logging
-import os
 import sys
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
+from sdrt import capi_params
+from sdrt.capi_params import (  # noqa: F401  (re-exported: callers import them from here)
+    MAX_LIST, MODES, PIL_MODES, PRIOR_GUIDANCE_DEFAULT, STRENGTH_DEFAULT, _count, _extras, _float, _image, _path, _rng,
+    _text,
+)
 from sdrt.errors import ArtifactError, Cancelled, InputError, ModelError, NumericsError, SdrtError
 
 log = logging.getLogger(__name__)
 
 OK, ERR_INPUT, ERR_ARTIFACT, ERR_CANCELLED, ERR_INTERNAL, ERR_IO = 0, 2, 3, 4, 5, 6
-MODES = ("txt2img", "img2img", "inpaint")
-STRENGTH_DEFAULT = -1.0  # SDRT_STRENGTH_DEFAULT
-PRIOR_GUIDANCE_DEFAULT = -1.0  # SDRT_PRIOR_GUIDANCE_DEFAULT
-MAX_LIST = 64  # control_count / lora_count above this is an uninitialized field, not a request
-PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 ffi = lib = None
 _contexts: dict[int, "_Context"] = {}
@@ -90,6 +90,7 @@ def start(ffi_, lib_, own_interpreter: bool, log_stderr: bool) -> None:
     """Once per process: keep ffi/lib and route logging (and, in our own interpreter, stdio) to contexts."""
     global ffi, lib, _log_stderr, _own_interpreter
     ffi, lib, _log_stderr, _own_interpreter = ffi_, lib_, log_stderr, own_interpreter
+    capi_params.bind(ffi_)
     handler = _ToContextLog(logging.DEBUG)
     if own_interpreter:
         logging.captureWarnings(True)
@@ -136,86 +137,6 @@ def _call(ctx, context, work, *args, failure=ERR_INPUT) -> int:
     lib.sdrt__set_error(ctx, " ".join(message.split()).encode("utf-8", "replace"))
     return 1 + status
 
-
-def _text(pointer, what: str, default: str | None = None) -> str | None:
-    if pointer == ffi.NULL:
-        return default
-    try:
-        return ffi.string(pointer).decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{what} is not valid UTF-8") from None
-
-
-def _path(pointer) -> str:
-    return os.fsdecode(ffi.string(pointer))
-
-
-def _float(value: float) -> float:
-    """A C float as the decimal the caller wrote (7.3f -> 7.3), so guidance matches the Python API's."""
-    return float(str(np.float32(value)))
-
-
-def _count(count: int, what: str) -> int:
-    if not 0 <= count <= MAX_LIST:
-        raise InputError(f"{what} is {count}; it must be in 0..{MAX_LIST}")
-    return count
-
-
-def _extras(pipe, p) -> dict:
-    """The V3 fields (ControlNet, run-time LoRA, Kandinsky's prior) as Pipeline keywords, only those set."""
-    out = {}
-    count = _count(p.control_count, "control_count")
-    if count:
-        if p.control_images == ffi.NULL:
-            raise InputError(f"control_count is {count} but control_images is NULL")
-        out["control_images"] = [_image(p.control_images + k, f"control_images[{k}]") for k in range(count)]
-        out["control_scales"] = [_float(p.control_scales[k]) for k in range(count)] \
-            if p.control_scales != ffi.NULL else 1.0
-    if count or (p.control_start, p.control_end, p.guess_mode) != (0.0, 1.0, 0):
-        out.update(control_start=_float(p.control_start), control_end=_float(p.control_end),
-                   guess_mode=bool(p.guess_mode))  # without images: refused by the pipeline, naming them
-    count = _count(p.lora_count, "lora_count")
-    if count:
-        if p.lora_paths == ffi.NULL:
-            raise InputError(f"lora_count is {count} but lora_paths is NULL")
-        paths = [p.lora_paths[k] for k in range(count)]
-        if any(path == ffi.NULL for path in paths):
-            raise InputError(f"lora_paths[{[path == ffi.NULL for path in paths].index(True)}] is NULL")
-        out["loras"] = [(_path(path), _float(p.lora_weights[k]) if p.lora_weights != ffi.NULL else 1.0)
-                        for k, path in enumerate(paths)]
-    prior = {}
-    if p.prior_steps != 0:
-        prior["prior_steps"] = p.prior_steps
-    if p.prior_guidance != PRIOR_GUIDANCE_DEFAULT:
-        prior["prior_guidance"] = _float(p.prior_guidance)
-    if prior and not getattr(pipe, "has_prior", False):
-        raise InputError(f"{', '.join(prior)}: only Kandinsky 2.2 artifacts have a prior")
-    return out | prior
-
-
-def _rng(text: str) -> str:
-    """sdrt_generate_params.rng, checked as the CLI's --rng (the message names the field, not the flag)."""
-    from sdrt.rng_cuda import parse_rng
-
-    try:
-        return parse_rng(text).name
-    except InputError as exc:
-        raise InputError("rng: " + str(exc).removeprefix("--rng").lstrip(": ")) from None
-
-
-def _image(pointer, what: str):
-    """An sdrt_image -> a PIL image (copied)."""
-    from PIL import Image
-
-    image = pointer[0]
-    if image.data == ffi.NULL or image.width == 0 or image.height == 0:
-        raise InputError(f"{what} has no pixels (data NULL or a zero size)")
-    if image.channels not in PIL_MODES:
-        raise InputError(f"{what}.channels is {image.channels}; it must be 1 (gray), 3 (RGB) or 4 (RGBA)")
-    size = image.width * image.height * image.channels
-    if size > 1 << 31:
-        raise InputError(f"{what} is {image.width}x{image.height}x{image.channels}: more than 2 GiB")
-    return Image.frombytes(PIL_MODES[image.channels], (image.width, image.height), ffi.buffer(image.data, size))
 
 
 def open_context(ctx, p) -> int:
