@@ -26,7 +26,7 @@ PUBLIC = ["sdrt_abi_version", "sdrt_version", "sdrt_context_params_init", "sdrt_
           "sdrt_context_open", "sdrt_generate", "sdrt_images_free", "sdrt_image_save_png", "sdrt_cancel",
           "sdrt_last_error", "sdrt_context_close"]
 
-# C helpers Python calls (capi/glue.c)
+# C helpers Python calls (capi/helpers.c; sdrt__env: capi/pyenv.c)
 HELPERS = """
 void sdrt__set_error(sdrt_context *ctx, const char *message);
 const char *sdrt__env(int key);

@@ -1,4 +1,4 @@
-/* Finding the Python environment before cffi starts the interpreter (included by capi/glue.c).
+/* Finding the Python environment before cffi starts the interpreter (included by capi/helpers.c).
  * SDRT_BAKED_PREFIX, SDRT_BAKED_LIBPYTHON and SDRT_PY_VERSION are defined by capi/build.py. */
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 static int env_ok;
