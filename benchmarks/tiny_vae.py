@@ -50,6 +50,17 @@ def build(work: Path) -> Path:
     return engines
 
 
+def work_tflop(engines: Path) -> dict:
+    """Each stage's arithmetic at 512², batch 1, counted once from the artifact's ONNX (export/flops.py)."""
+    from sdrt.manifest import load_manifest
+    from sdrt_export.flops import graph_flops
+
+    manifest = load_manifest(engines)
+    stages = {"text_encoder": "text_encoder", "unet": "unet", "full": "vae_decoder", "tiny": "tiny_vae_decoder"}
+    return {stage: graph_flops(manifest.verified_path(name), manifest.specs[name].shapes(1, 512, 512))["total"] / 1e12
+            for stage, name in stages.items()}
+
+
 def stage_seconds(result) -> dict:
     t = result.timings
     return {"text_encoder": sum(v for k, v in t.items() if k.startswith("text_encoder")),
@@ -84,13 +95,19 @@ def main() -> None:
         print(f"{vae:>4} VAE: end to end {m['total']:6.2f} s  (text encoder {m['text_encoder']:.2f}, "
               f"UNet {m['unet']:.2f}, VAE decode {m['vae_decode']:.2f})  runs: "
               + ", ".join(f"{s['total']:.2f}" for s in samples[vae]))
+    flop = work_tflop(engines)
+    common = flop["text_encoder"] + flop["unet"]
+    floor = (common + flop["tiny"]) / (common + flop["full"])
+    print("work, TFLOP: " + ", ".join(f"{k} {v:.3f}" for k, v in flop.items())
+          + f"; tiny / full at equal FLOP rates: {floor:.3f}")
     ratio = medians["tiny"]["total"] / medians["full"]["total"]
     decode = medians["tiny"]["vae_decode"] / medians["full"]["vae_decode"]
     print(f"tiny / full: end to end {ratio:.3f} (target <= 0.25), VAE decode alone {decode:.3f}")
     print("loadavg after:", os.getloadavg())
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_info(), "samples": samples, "medians": medians,
-                                         "ratio_end_to_end": ratio, "ratio_decode": decode}, indent=2) + "\n")
+                                         "ratio_end_to_end": ratio, "ratio_decode": decode,
+                                         "tflop": flop, "ratio_at_equal_flop_rates": floor}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

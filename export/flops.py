@@ -111,7 +111,26 @@ def _attention_flops(node: onnx.NodeProto, shape) -> int | None:
 
 
 def count_flops(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict:
-    """{"total": FLOPs, "by_op": {op: FLOPs}, "nodes": counted nodes}; raises ValueError on unknown shapes."""
+    """{"total": FLOPs, "by_op": {op: FLOPs}, "nodes": counted nodes}; raises ValueError on unknown shapes.
+
+    At batch 1 ONNX shape inference cannot resolve the broadcasts the exporter writes for per-sample inputs
+    (diffusers' ``timesteps.expand(sample.shape[0])`` becomes Expand of a [1] tensor by a runtime-built shape:
+    dimension 1 broadcasts to anything, so the result stays unknown). The counted ops' FLOPs are linear in the
+    batch, so a batch-1 count that fails is taken as 2 F(2) - F(3) on the dynamic leading axes."""
+    try:
+        return _count(model, input_shapes)
+    except ValueError:
+        ones = [v.name for v in model.graph.input if input_shapes.get(v.name, (0,))[:1] == (1,)
+                and v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[0].dim_param]
+        if not ones:
+            raise
+    two, three = ({**input_shapes, **{n: (b, *input_shapes[n][1:]) for n in ones}} for b in (2, 3))
+    two, three = _count(model, two), _count(model, three)
+    by_op = {op: 2 * two["by_op"][op] - three["by_op"][op] for op in two["by_op"]}
+    return {"total": sum(by_op.values()), "by_op": by_op, "nodes": two["nodes"], "batch_extrapolated": True}
+
+
+def _count(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _fix_inputs(model, input_shapes)
     inferred = shape_inference.infer_shapes(model, data_prop=True)
