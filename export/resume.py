@@ -77,8 +77,9 @@ class Partial:
             if any(self.root.iterdir()):
                 log.warning("%s was made for other inputs (model, settings or versions); starting over", self.root)
             self._clear(keep=set())
-        else:
+        else:  # what a killed run left half-written (its scratch, the component it was on) goes
             self.components = progress["components"]
+            self._clear(keep=self._recorded() | {PROGRESS})
         return self.root
 
     def _read(self) -> dict | None:
@@ -125,8 +126,7 @@ class Partial:
 
     def keep(self, exc: BaseException) -> None:
         """After a failure: delete everything but the recorded components, and say how to continue."""
-        kept = {rel for entry in self.components.values() for rel in entry["records"]}
-        self._clear(keep=kept | {PROGRESS})
+        self._clear(keep=self._recorded() | {PROGRESS})
         done = ", ".join(self.components) or "none"
         hint = f"checked components kept in {self.root} ({done}): rerun with --resume to continue"
         if isinstance(exc, SdrtError) and exc.args:
@@ -139,6 +139,9 @@ class Partial:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+    def _recorded(self) -> set[str]:
+        return {rel for entry in self.components.values() for rel in entry["records"]}
 
     def _clear(self, keep: set[str]) -> None:
         for path in sorted(self.root.rglob("*"), key=lambda p: len(p.parts), reverse=True):

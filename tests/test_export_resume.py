@@ -114,7 +114,11 @@ def test_interrupt_damage_and_other_inputs(tiny_model_dir, tmp_path, exports, ca
     assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*")) == kept
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
-    assert run("--resume") == ["unet"]  # the text encoder reused
+    (staged / ".raw-unet").mkdir()  # what a killed run leaves: scratch and a half-written component
+    (staged / ".raw-unet" / "unet.onnx").write_bytes(b"half")
+    (staged / "unet.onnx").write_bytes(b"half")
+    assert run("--resume") == ["unet"]  # the text encoder reused, the leftovers cleared
+    assert not (staged / ".raw-unet").exists() and not (staged / "unet.onnx").exists()
     data = staged / "text_encoder.onnx"
     damaged = bytearray(data.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
