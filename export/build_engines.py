@@ -84,6 +84,8 @@ def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bo
         kwargs["controlnet_dirs"] = controlnets
     if prior is not None:
         kwargs["prior"] = prior
+    if layout is None and "resume" in inspect.signature(export_model).parameters:
+        kwargs["resume"] = True  # a failed or killed export keeps its checked components for the next run
     export_model(model_dir, out, sizes=sizes, force=True, progress=progress, **kwargs)
     if kept:
         cache.parent.mkdir(exist_ok=True)

@@ -145,3 +145,21 @@ def test_concurrent_resume_is_refused(tiny_model_dir, tmp_path, capsys):
     finally:
         os.close(holder)
     assert not out.exists()
+
+
+def test_build_engines_exports_with_resume(tiny_model_dir, tmp_path, monkeypatch):
+    """`sdrt build-engines` rebuilds only what changed; its export step resumes the same way."""
+    from sdrt.errors import ExportError
+    from sdrt.specs import SizeRange
+    from sdrt_export import build_engines, exporter
+
+    seen = {}
+
+    def fake(model, out, sizes=None, force=False, progress=True, precision="fp32", resume=False, **kwargs):
+        seen.update(resume=resume, force=force)
+        raise ExportError("stopped here")
+
+    monkeypatch.setattr(exporter, "export_model", fake)
+    with pytest.raises(ExportError, match="stopped here"):
+        build_engines.ensure_onnx(tiny_model_dir, tmp_path / "engine", SizeRange(64, 64, 128, 1), "fp32", False)
+    assert seen == {"resume": True, "force": True}
