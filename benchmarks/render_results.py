@@ -185,7 +185,8 @@ def render_compare(reports: list[tuple[dict, str]], section: str = "bench_compar
                         "same work for every system; `unet_call` is one CFG evaluation (stable-diffusion.cpp: one "
                         "sampler step, its two half-batch calls). A bf16 system's share is of the fp32 peak "
                         "(AMX/AVX512_BF16 peaks are higher). openvino compiles per input shape at its first call: "
-                        "its load is reading the ONNX, its compile lands in the first image."]
+                        "its load is reading the ONNX, its compile lands in the first image (since the compiled "
+                        "shapes are kept in ENGINE_DIR/openvino/, a later process imports them instead)."]
             elif work:
                 out += ["", work.get("error", "")]
             out.append("")

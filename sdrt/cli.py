@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sdrt info /tmp/engines",
         note="`sdrt COMMAND --help` describes each command. Bad input prints one line and exits 2."))
     parser.add_argument("--version", action=VersionAction,
-                        help="print sdrt's version and the onnxruntime / tensorrt / tensorrt_rtx / cupy found; exit")
+                        help="print sdrt's version and the onnxruntime / tensorrt / tensorrt_rtx / cupy / openvino found; exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     p = sub.add_parser("make-model", help="write a random-weight diffusers pipeline folder",

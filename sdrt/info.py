@@ -22,10 +22,12 @@ DISTRIBUTIONS = {
     "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"),
     "tensorrt_rtx": ("tensorrt-rtx", "tensorrt-rtx-cu13", "tensorrt-rtx-cu12"),
     "cupy": ("cupy", "cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x"),
+    "openvino": ("openvino", "openvino-nightly"),
 }
-FLAVOUR_RUNTIME = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt_rtx"}
+FLAVOUR_RUNTIME = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt_rtx",
+                   "openvino": "openvino"}
 KINDS = {"ort-cpu": "optimized graphs", "ort-cuda": "optimized graphs", "tensorrt": "engines",
-         "tensorrt-rtx": "engines", "openvino": "optimized graphs"}
+         "tensorrt-rtx": "engines", "openvino": "compiled models"}
 
 
 def _installed(names: tuple[str, ...]) -> list[dict]:
@@ -74,7 +76,7 @@ def version_text() -> str:
                          "(keep one: pip uninstall ...)")
     else:
         lines.append("onnxruntime: not installed (pip install onnxruntime, or onnxruntime-gpu)")
-    for runtime in ("tensorrt", "tensorrt_rtx", "cupy"):
+    for runtime in ("tensorrt", "tensorrt_rtx", "cupy", "openvino"):
         found = v[runtime]
         lines.append(f"{runtime} {found['version']} ({found['package']})" if found else f"{runtime}: not installed")
     return "\n".join(lines)

@@ -151,7 +151,7 @@ def test_version_lists_runtimes_without_importing_torch():
     assert lines[0].startswith(f"sdrt {sdrt.__version__} (Python ")
     assert lines[1].startswith(f"onnxruntime {onnxruntime.__version__} (")
     assert all(p in lines[1] for p in onnxruntime.get_available_providers())
-    for runtime in ("tensorrt", "tensorrt_rtx", "cupy"):
+    for runtime in ("tensorrt", "tensorrt_rtx", "cupy", "openvino"):
         line = next(line for line in lines if line.startswith((runtime + " ", runtime + ":")))
         found = []
         for dist in DISTRIBUTIONS[runtime]:

@@ -35,7 +35,8 @@ def open_engine(manifest: Manifest, component: str, backend: str = "ort-cpu", th
     if backend == "openvino":  # the exported ONNX through OpenVINO's CPU plugin (bf16 on AVX512_BF16 CPUs)
         from sdrt.backends.openvino import OpenVinoEngine
 
-        return OpenVinoEngine(manifest.verified_path(component), manifest.specs[component], threads=threads)
+        path = manifest.root / manifest.component(component)["files"][0]["path"]  # checked before it is read
+        return OpenVinoEngine(path, manifest.specs[component], threads=threads, manifest=manifest)
     from sdrt.backends.ort import open_ort
 
     return open_ort(manifest, component, backend, threads)

@@ -13,11 +13,8 @@ writable, the native graph is rewritten from it by that same session (the rebuil
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -25,36 +22,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from sdrt.manifest import ENGINES_KEY, MANIFEST_NAME, Manifest, file_record, files_digest, write_json_atomic
+from sdrt.backends.records import cpu_identity, locked_manifest, writable  # cpu_identity: re-exported
+from sdrt.manifest import ENGINES_KEY, Manifest, file_record, files_digest
 
 log = logging.getLogger(__name__)
 
 NATIVE = "ort-cpu-native"  # the manifest's engines key and the folder in ENGINE_DIR
 LEVEL = "ORT_ENABLE_ALL"
 EXTERNAL_MIN_BYTES = 1024  # initializers this big go to the .data file, which ORT writes page-aligned
-# /proc/cpuinfo flags that choose ONNX Runtime's CPU kernels and layouts; the rest (mitigations, hypervisor
-# bits) vary between hosts of one CPU kind without changing a graph
-ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "bmi", "popcnt", "vnni", "asimd", "sve", "neon", "i8mm",
-                "bf16", "fp16", "dotprod")
-
-
-def cpu_identity() -> dict:
-    """This CPU as a native graph records it: model name and the instruction-set flags, sorted."""
-    found = {}
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = (part.strip() for part in line.partition(":"))
-                key = {"model name": "model", "flags": "flags", "features": "flags"}.get(key.lower())
-                if key and key not in found:
-                    found[key] = value
-                if len(found) == 2:
-                    break
-    except OSError:
-        pass
-    flags = sorted({f for f in found.get("flags", "").split() if f.startswith(ISA_PREFIXES)})
-    return {"model": found.get("model") or platform.processor() or platform.machine(), "flags": flags}
-
 
 def settings() -> dict:
     """What a native graph written by this process records, besides its files and source."""
@@ -128,24 +103,18 @@ def install(root: Path, work: Path, names: list[str], name: str, source: tuple[s
     """Move a written native graph from ``work`` into ``root/ort-cpu-native`` and record it in the manifest
     (under an exclusive lock, so concurrent processes never interleave files and records); return the record."""
     folder = root / NATIVE
-    lock = os.open(folder, os.O_RDONLY)  # the folder itself is the lock: no extra file in the artifact
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
+        with locked_manifest(root, folder) as data:
             for file in reversed(names):  # the data first, the graph that points at it last
                 os.replace(work / file, folder / file)
             kind, files = source
             record = {**settings(), "source": kind, "source_sha256": files_digest(files), "seconds": round(seconds, 2),
                       "files": [file_record(root, f"{NATIVE}/{f}") for f in names]}
-            data = json.loads((root / MANIFEST_NAME).read_text())
             section = data.setdefault(ENGINES_KEY, {}).get(NATIVE) or {}
             data[ENGINES_KEY][NATIVE] = {**section, "command": command or section.get("command"),
                                          "components": {**section.get("components", {}), name: record}}
-            write_json_atomic(root / MANIFEST_NAME, data)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     finally:
-        os.close(lock)
+        shutil.rmtree(work, ignore_errors=True)
     return record
 
 
@@ -153,7 +122,7 @@ def rebuild(manifest: Manifest, component: str, path: Path, source: tuple[str, l
             options: ort.SessionOptions, providers: list) -> ort.InferenceSession | None:
     """Open ``path`` (the verified portable graph) and rewrite the native graph from that session; None
     when ENGINE_DIR cannot be written (the caller opens ``path`` plainly)."""
-    if not os.access(manifest.root, os.W_OK) or not os.access(manifest.root / MANIFEST_NAME, os.W_OK):
+    if not writable(manifest.root):
         log.info("%s: %s is read-only; its %s graph is not rewritten", component, manifest.root, NATIVE)
         return None
     start = time.perf_counter()
