@@ -102,11 +102,11 @@ class OpenVinoEngine:
     def _compile(self, shapes: tuple):
         if shapes in self._compiled:
             self._compiled.move_to_end(shapes)
-            return self._compiled[shapes]
+            return self._compiled[shapes][:2]
         blob = self.blobs.load(shapes) if self.blobs else None
         compiled = self._import(blob, shapes) if blob is not None else None
         if compiled is None:
-            start = time.perf_counter()
+            blob, start = None, time.perf_counter()
             model = self._read()  # read again per shape: keeping the source model would hold a second weight copy
             self._check_inputs(model)
             model.reshape({name: list(shape) for name, shape in shapes})
@@ -117,15 +117,16 @@ class OpenVinoEngine:
             if self.blobs:
                 self.blobs.save(shapes, compiled, self.precision, time.perf_counter() - start)
         request = compiled.create_infer_request()
-        self._compiled[shapes] = (compiled, request)
+        self._compiled[shapes] = (compiled, request, blob)  # an imported model may use the blob's pages
         while len(self._compiled) > _COMPILED_SHAPES:
             self._compiled.popitem(last=False)
         return compiled, request
 
-    def _import(self, blob: bytes, shapes: tuple):
-        """The compiled model from a checked blob, or None when OpenVINO refuses it (then it is compiled)."""
+    def _import(self, blob, shapes: tuple):
+        """The compiled model from a checked blob (a read-only mapping), or None when OpenVINO refuses it."""
+        ov = _openvino()
         try:
-            compiled = self.core.import_model(blob, "CPU", self.config)
+            compiled = self.core.import_model(ov.Tensor(blob, shared_memory=True), "CPU", self.config)
         except Exception as exc:  # OpenVINO's own untyped errors (a blob of another build)
             log.warning("%s: OpenVINO cannot import its compiled blob (%s); compiling again", self.spec.name,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -7,7 +7,8 @@ and recorded in the manifest (``engines.openvino``: OpenVINO version, this CPU, 
 of the ONNX it was compiled from, and per shape the blob's file record); a later process checks the
 blob's digest like any engine file and loads it with ``Core.import_model``. A record made by another
 OpenVINO, CPU, config or ONNX is not used, and is replaced by the next compile. At most ``MAX_BLOBS`` shapes
-are kept per component (the oldest is dropped). Nothing is written where ENGINE_DIR is read-only.
+are kept per component (the oldest is dropped). Nothing is written where ENGINE_DIR is read-only. Saving
+holds the blob in memory once (OpenVINO exports to a BytesIO only); loading maps the file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from sdrt.backends.records import cpu_identity, locked_manifest, writable
 from sdrt.errors import ArtifactError
@@ -57,8 +60,9 @@ class BlobStore:
         record = self._current(self.manifest.data)
         return bool(record and record.get("blobs"))
 
-    def load(self, shapes: tuple) -> bytes | None:
-        """The checked blob compiled for ``shapes``, or None (none recorded, or its file fails its digest)."""
+    def load(self, shapes: tuple):
+        """The checked blob compiled for ``shapes``, memory-mapped copy-on-write (OpenVINO takes it without a
+        copy; it never writes it), or None (none recorded, or its file fails its digest)."""
         record = self._current(self.manifest.data)
         entry = record and record.get("blobs", {}).get(shape_tag(shapes))
         if not entry:
@@ -68,7 +72,7 @@ class BlobStore:
             if file is None:
                 raise ArtifactError(f"{entry['path']} is not among the record's files")
             self.manifest.check_file(file)
-            return (self.manifest.root / file["path"]).read_bytes()
+            return np.memmap(self.manifest.root / file["path"], dtype=np.uint8, mode="c")
         except (ArtifactError, OSError) as exc:
             log.warning("%s: its compiled OpenVINO blob is not used (%s); compiling again", self.component, exc)
             return None
