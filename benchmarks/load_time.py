@@ -149,7 +149,8 @@ def run_oneshot(engines: str, model: str, steps: list[int], runs: int, backend: 
                         code = DIFFUSERS.format(threads=THREADS, model=model, steps=count, size=SIZE, out=out)
                         cmd = [sys.executable, "-c", code]
                     wall, cpu, stdout = timed(cmd, env)
-                    row = {"system": system, "backend": backend, "steps": count, "run": run, "wall_s": wall, "cpu_s": cpu,
+                    row = {"system": system, "backend": backend, "steps": count, "run": run, "wall_s": wall,
+                           "cpu_s": cpu,
                            "load_before": load0, "load_after": loadavg()}
                     if system == "sdrt":
                         row["timings_s"] = json.loads(stdout)["timings_s"]
@@ -189,7 +190,8 @@ def render(data: dict) -> str:
                          + f" | {min(r['load_before'] for r in rows):.1f}–{max(r['load_after'] for r in rows):.1f} |")
         lines.append("")
     if data.get("oneshot"):
-        lines += ["| sdrt backend | steps | sdrt wall p50 | diffusers wall p50 | ratio (p50) | sdrt CPU s | diffusers CPU s | "
+        lines += ["| sdrt backend | steps | sdrt wall p50 | diffusers wall p50 | ratio (p50) | sdrt CPU s | "
+                  "diffusers CPU s | "
                   "CPU ratio | sdrt load p50 | runs | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         shots = data["oneshot"]
         for backend, count in sorted({(r.get("backend", "ort-cpu"), r["steps"]) for r in shots}):
@@ -201,7 +203,8 @@ def render(data: dict) -> str:
             w, tw = median([r["wall_s"] for r in mine]), median([r["wall_s"] for r in theirs])
             c, tc = median([r["cpu_s"] for r in mine]), median([r["cpu_s"] for r in theirs])
             spans = "; ".join(f"{r['system']} {r['load_before']:.1f}→{r['load_after']:.1f}" for r in mine + theirs)
-            lines.append(f"| {backend} | {count} | {w:.1f} s | {tw:.1f} s | **{w / tw:.2f}** | {c:.1f} | {tc:.1f} | {c / tc:.2f} | "
+            lines.append(f"| {backend} | {count} | {w:.1f} s | {tw:.1f} s | **{w / tw:.2f}** | {c:.1f} | {tc:.1f} | "
+                         f"{c / tc:.2f} | "
                          f"{median([r['timings_s']['load'] for r in mine]):.2f} s | {len(mine)} + {len(theirs)} | "
                          f"{spans} |")
         lines.append("")

@@ -45,8 +45,8 @@ class BlobStore:
     def __init__(self, manifest: Manifest, component: str, version: str, config: dict):
         self.manifest, self.component = manifest, component
         # version: the release (as pip and `sdrt info` name it); build: the full string blobs are tied to
-        self.settings = {"flavour": "openvino", "version": version.split("-")[0], "build": version, "cpu": cpu_identity(),
-                         "config": {k: str(v) for k, v in sorted(config.items())},
+        self.settings = {"flavour": "openvino", "version": version.split("-")[0], "build": version,
+                         "cpu": cpu_identity(), "config": {k: str(v) for k, v in sorted(config.items())},
                          "onnx_sha256": manifest.onnx_digest(component)}
 
     def _current(self, data: dict) -> dict | None:
