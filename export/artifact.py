@@ -68,7 +68,7 @@ def sd_manifest(work: Path, specs, components: dict, record, *, model_dir: Path,
         "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
     }
     # CPU-native graphs of the fp32 components, for a fast ort-cpu load (ort_native.py)
-    manifest.update(ort_optimize.engines_section(work, components, manifest["components"]))
+    manifest.update(ort_optimize.engines_section(work, components, manifest["components"], record))
     return manifest
 
 

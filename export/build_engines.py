@@ -43,7 +43,8 @@ def ensure_onnx(model, out: Path, sizes: SizeRange, precision: str, progress: bo
     """Export into ``out`` unless its manifest already has this model, size range and precision;
     return why it exported (None when it did not)."""
     try:
-        from sdrt_export.exporter import export_model, hash_folder, validate_model_dir
+        from sdrt_export.exporter import export_model
+        from sdrt_export.folders import hash_folder, validate_model_dir
     except ImportError as exc:
         raise ExportError(f"build-engines exports with torch ({exc.name} is missing): "
                           "pip install torch==2.13.0 && pip install 'sdrt[export]'") from None

@@ -30,8 +30,7 @@ from sdrt.specs import VAE_DECODER, VAE_ENCODER, ComponentSpec, SizeRange, build
 from sdrt_export import artifact, controlnet, fp16, graph, ort_optimize, resume as resumable, tiny_vae, weight_map
 from sdrt_export import lora as lora_export
 from sdrt_export.checks import check_points, random_inputs, relative_error, run_torch, trace_point
-from sdrt_export.folders import copy_tokenizer, hash_folder, make_parents, make_temp_dir, move_into_place, \
-    validate_model_dir  # noqa: F401 - hash_folder and validate_model_dir are imported from here
+from sdrt_export.folders import copy_tokenizer, make_parents, make_temp_dir, move_into_place, validate_model_dir
 from sdrt_export.wrappers import dims_from_model, load_component, read_json, \
     unet_up_factor
 

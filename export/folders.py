@@ -49,13 +49,20 @@ def validate_model_dir(model) -> Path:
     return path
 
 
+def visible_files(path: Path) -> list[tuple[str, Path]]:
+    """A folder's files as (relative POSIX path, path), sorted, hidden entries (and what is under them) skipped."""
+    files = []
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if not any(part.startswith(".") for part in rel.split("/")):
+            files.append((rel, file))
+    return files
+
+
 def hash_folder(path: Path) -> str:
     """sha256 over the sorted relative paths and sha256 of every file (hidden entries skipped)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
+    for rel, file in visible_files(path):
         digest.update(f"{rel}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 

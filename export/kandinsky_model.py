@@ -43,8 +43,8 @@ class Layout:
         return (self.root or self.decoder).absolute()
 
     def sha256(self) -> str:
-        """One digest of both folders (each hashed as ``exporter.hash_folder`` hashes a pipeline folder)."""
-        from sdrt_export.exporter import hash_folder
+        """One digest of both folders (each hashed as ``folders.hash_folder`` hashes a pipeline folder)."""
+        from sdrt_export.folders import hash_folder
 
         text = "".join(f"{name}\0{hash_folder(path)}\n" for name, path in (("prior", self.prior),
                                                                            ("decoder", self.decoder)))

@@ -103,22 +103,23 @@ def parity_session(work: Path, name: str, files: list[str], precision: str, scra
     return check_session(work, name, files)
 
 
-def engines_section(work: Path, results: dict, components: dict) -> dict:
+def engines_section(work: Path, results: dict, components: dict, record=file_record) -> dict:
     """``{"engines": {"ort-cpu-native": ...}}`` for the export ``results`` (component -> its ``native``
-    record or None) that wrote a native graph, ``{}`` when none did; ``components``: the manifest's."""
+    record or None) that wrote a native graph, ``{}`` when none did; ``components``: the manifest's;
+    ``record(work, rel)``: a file's record (``export --resume`` has them from each component's check)."""
     natives = {n: r["native"] for n, r in results.items() if r.get("native")}
     if not natives:
         return {}
     digests = {n: files_digest(components[n]["files"]) for n in natives}
-    return {ENGINES_KEY: {ort_native.NATIVE: native_section(work, natives, digests)}}
+    return {ENGINES_KEY: {ort_native.NATIVE: native_section(work, natives, digests, record)}}
 
 
-def native_section(work: Path, records: dict, digests: dict) -> dict:
+def native_section(work: Path, records: dict, digests: dict, record=file_record) -> dict:
     """The manifest's ``engines.ort-cpu-native`` section for the graphs ``check_session`` wrote;
     ``digests``: component -> sha256 digest of its exported ONNX files."""
     return {"command": None, "components": {
-        name: {**record, "source_sha256": digests[name], "files": [file_record(work, f) for f in record["files"]]}
-        for name, record in records.items()}}
+        name: {**native, "source_sha256": digests[name], "files": [record(work, f) for f in native["files"]]}
+        for name, native in records.items()}}
 
 
 def write_native(manifest: Manifest, name: str, force: bool = False) -> dict | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from sdrt.digests import file_matches, file_record
 from sdrt.errors import ExportError, SdrtError
 from sdrt.manifest import write_json_atomic
+from sdrt_export.folders import visible_files
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,7 @@ def folder_listing(path: Path | None) -> list:
     content hash (the manifest still records the sha256 of the whole folder at the end)."""
     if path is None:
         return []
-    listing = []
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
-        if not any(part.startswith(".") for part in rel.split("/")):
-            stat = file.stat()
-            listing.append([rel, stat.st_size, stat.st_mtime_ns])
-    return listing
+    return [[rel, file.stat().st_size, file.stat().st_mtime_ns] for rel, file in visible_files(path)]
 
 
 def plan_key(**inputs) -> str:
